@@ -1,0 +1,82 @@
+"""What every experiment needs: atomic file writes, figures, float64 switch, timing."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+  """Yields a temporary path beside `path`; renames it onto `path` only on success.
+
+  A crash mid-write leaves the previous file (if any) untouched.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  suffix = os.path.splitext(path)[1]
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
+  os.close(fd)
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _to_jsonable(value: Any) -> Any:
+  if isinstance(value, dict):
+    return {k: _to_jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_to_jsonable(v) for v in value]
+  if isinstance(value, (np.ndarray, jax.Array)):
+    return _to_jsonable(np.asarray(value).tolist())
+  if isinstance(value, (np.floating, np.integer, np.bool_)):
+    return value.item()
+  return value
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes `obj` (numpy/jax values converted) as indented JSON, atomically."""
+  with atomic_path(path) as tmp:
+    with open(tmp, "w") as f:
+      json.dump(_to_jsonable(obj), f, indent=2, sort_keys=True)
+      f.write("\n")
+
+
+def save_npz(path: str, **arrays: Any) -> None:
+  """Saves arrays to a compressed .npz, atomically."""
+  with atomic_path(path) as tmp:
+    np.savez_compressed(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> None:
+  """Saves a matplotlib figure as PNG, atomically, and closes it."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+  plt.close(fig)
+
+
+def set_precision(x64: bool) -> None:
+  """Turns float64 on (theory experiments) or off (networks), for this process."""
+  jax.config.update("jax_enable_x64", bool(x64))
+
+
+class Stopwatch:
+  """Wall-clock seconds since construction, reading after all queued JAX work."""
+
+  def __init__(self):
+    self._start = time.perf_counter()
+
+  def seconds(self) -> float:
+    jax.effects_barrier()
+    return time.perf_counter() - self._start

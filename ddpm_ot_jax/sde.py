@@ -1,0 +1,178 @@
+"""The variance-preserving SDE (DDPM's forward process) and its marginals.
+
+Forward SDE (Song et al. 2021, Eq. 5 in Khrulkov et al. 2022):
+
+    dx = -½ β(t) x dt + √β(t) dW.
+
+Its marginals are Gaussian given x0:  x_t | x0 ~ N(α(t) x0, σ(t)² I) with
+
+    α(t) = exp(-½ B(t)),   σ(t)² = 1 - α(t)²,   B(t) = ∫_0^t β(s) ds.
+
+The probability-flow ODE (Eq. 6) shares these marginals:
+
+    dx/dt = -½ β(t) [x + ∇_x log p_t(x)].
+
+With β ≡ 2 this is the paper's Ornstein–Uhlenbeck form (Eq. 8: dx = -x dt + √2 dW, and
+Eq. 9: dx/dt = -[x + ∇ log p_t(x)]). Every VP-SDE is that OU process run on the clock
+s(t) = ½ B(t) (`ou_time`), which is how the closed forms in `gaussian` and `gmm` serve all
+schedules.
+
+Schedules are frozen dataclasses (hashable, so they can be static arguments of `jax.jit`)
+exposing `beta(t)`, `beta_integral(t)` = B(t) and the end time `t_max`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+ScoreFn = Callable[[Array, Array], Array]  # (x, t) -> ∇_x log p_t(x)
+
+
+class Schedule(Protocol):
+  """A noise schedule β(t) on [0, t_max]."""
+
+  t_max: float
+
+  def beta(self, t: Array) -> Array:
+    ...
+
+  def beta_integral(self, t: Array) -> Array:
+    ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearSchedule:
+  """β(t) = β_min + t (β_max − β_min) on [0, 1]: DDPM's schedule in continuous time."""
+
+  beta_min: float = 0.1
+  beta_max: float = 20.0
+  t_max: float = 1.0
+
+  def beta(self, t: Array) -> Array:
+    return self.beta_min + t * (self.beta_max - self.beta_min)
+
+  def beta_integral(self, t: Array) -> Array:
+    return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
+
+
+@dataclasses.dataclass(frozen=True)
+class CosineSchedule:
+  """Nichol & Dhariwal's cosine schedule: ᾱ(t) = cos²(π/2 (t+s)/(1+s)) / cos²(π/2 s/(1+s)).
+
+  B(t) = −log ᾱ(t) and β(t) = B'(t). ᾱ(1) = 0, so t_max stops short of 1
+  (0.9946, as in DPM-Solver) where B stays finite.
+  """
+
+  s: float = 0.008
+  t_max: float = 0.9946
+
+  def _angle(self, t: Array) -> Array:
+    return 0.5 * math.pi * (t + self.s) / (1.0 + self.s)
+
+  def beta_integral(self, t: Array) -> Array:
+    c0 = math.cos(0.5 * math.pi * self.s / (1.0 + self.s))
+    return -2.0 * (jnp.log(jnp.cos(self._angle(t))) - math.log(c0))
+
+  def beta(self, t: Array) -> Array:
+    return math.pi / (1.0 + self.s) * jnp.tan(self._angle(t))
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstantSchedule:
+  """β(t) ≡ β. With β = 2 (the default) this is the paper's OU process, Eq. 8."""
+
+  beta_value: float = 2.0
+  t_max: float = 8.0
+
+  def beta(self, t: Array) -> Array:
+    return jnp.full_like(jnp.asarray(t, dtype=jnp.result_type(float)), self.beta_value)
+
+  def beta_integral(self, t: Array) -> Array:
+    return self.beta_value * t
+
+
+def make_schedule(name: str, **kwargs) -> Schedule:
+  """Builds a schedule by name: 'linear', 'cosine' or 'constant' (the paper's OU)."""
+  schedules = {"linear": LinearSchedule, "cosine": CosineSchedule, "constant": ConstantSchedule}
+  if name not in schedules:
+    raise ValueError(f"Unknown schedule {name!r}; choose one of {sorted(schedules)}.")
+  return schedules[name](**kwargs)
+
+
+def marginal_mean_coeff(schedule: Schedule, t: Array) -> Array:
+  """α(t) = exp(−½ B(t)): E[x_t | x_0] = α(t) x_0."""
+  return jnp.exp(-0.5 * schedule.beta_integral(t))
+
+
+def marginal_std(schedule: Schedule, t: Array) -> Array:
+  """σ(t) = √(1 − exp(−B(t))): the standard deviation of x_t | x_0."""
+  return jnp.sqrt(-jnp.expm1(-schedule.beta_integral(t)))
+
+
+def ou_time(schedule: Schedule, t: Array) -> Array:
+  """s(t) = ½ B(t): the time of the β ≡ 2 OU process (Eq. 8) with the same marginals."""
+  return 0.5 * schedule.beta_integral(t)
+
+
+def perturb(schedule: Schedule, key: Array, x0: Array, t: Array) -> tuple[Array, Array]:
+  """Samples x_t = α(t) x_0 + σ(t) ε, ε ~ N(0, I). Returns (x_t, ε).
+
+  `t` broadcasts against the leading (batch) axis of `x0`.
+  """
+  noise = jax.random.normal(key, x0.shape, x0.dtype)
+  t = jnp.reshape(t, jnp.shape(t) + (1,) * (x0.ndim - jnp.ndim(t)))
+  return marginal_mean_coeff(schedule, t) * x0 + marginal_std(schedule, t) * noise, noise
+
+
+def prior_sample(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+  """x_T ~ N(0, I), the VP-SDE's prior."""
+  return jax.random.normal(key, shape, dtype)
+
+
+def probability_flow_drift(schedule: Schedule, score_fn: ScoreFn) -> Callable[[Array, Array], Array]:
+  """The probability-flow ODE vector field v(t, x) = −½ β(t) [x + ∇_x log p_t(x)] (Eq. 6)."""
+
+  def drift(t: Array, x: Array) -> Array:
+    return -0.5 * schedule.beta(t) * (x + score_fn(x, t))
+
+  return drift
+
+
+# ----------------------------------------------------------------------------------------
+# DDPM's discretization (Ho et al. 2020): β_i for i = 0..N−1, ᾱ_i = Π_{j≤i} (1 − β_j).
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscreteSchedule:
+  """DDPM's N-step linear schedule β_i = β_1 + i (β_N − β_1)/(N − 1), i = 0..N−1.
+
+  With N = 1000, β_1 = 1e-4, β_N = 0.02 it is the discretization of `LinearSchedule`
+  (β_min = 0.1, β_max = 20) at t_i = (i + 1)/N: β_i ≈ β(t_i)/N and
+  ᾱ_i ≈ exp(−B(t_i)) (see `continuous_time`).
+  """
+
+  num_steps: int = 1000
+  beta_start: float = 1e-4
+  beta_end: float = 0.02
+
+  def betas(self) -> Array:
+    return jnp.linspace(self.beta_start, self.beta_end, self.num_steps)
+
+  def alphas_cumprod(self) -> Array:
+    """ᾱ_i = Π_{j ≤ i} (1 − β_j)."""
+    return jnp.cumprod(1.0 - self.betas())
+
+  def continuous_time(self, i: Array) -> Array:
+    """t_i = (i + 1)/N, the continuous time of discrete step i."""
+    return (jnp.asarray(i) + 1.0) / self.num_steps
+
+  def continuous_schedule(self) -> LinearSchedule:
+    """The continuous LinearSchedule this discretization approximates."""
+    n = self.num_steps
+    return LinearSchedule(beta_min=self.beta_start * n, beta_max=self.beta_end * n)

@@ -1,0 +1,119 @@
+r"""Runs one experiment from an ml_collections config.
+
+  python scripts/main.py --config=configs/gaussian_ot.py --config.dims=64 --workdir=runs/g
+
+Writes <workdir>/results.json (flat, named numbers), <workdir>/config.json and the
+experiment's figures (PNG) and arrays (.npz). --workdir defaults to runs/<config name>.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DEFAULT_CONFIG = os.path.join(_REPO, "configs", "digits_dpmot.py")
+if not os.path.exists(_DEFAULT_CONFIG):  # until the DPM-OT run lands, the theory lab is default
+  _DEFAULT_CONFIG = os.path.join(_REPO, "configs", "gaussian_ot.py")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "Path to a config file in configs/.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config name>).")
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of user errors.")
+
+# Errors a user can cause (bad config value, missing data or checkpoint): one clear message.
+_USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TypeError)
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _config_keys(config, prefix="") -> list[str]:
+  keys = []
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      keys.extend(_config_keys(value, f"{prefix}{key}."))
+    else:
+      keys.append(f"{prefix}{key}")
+  return keys
+
+
+def _config_path(argv: list[str]) -> str:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return _DEFAULT_CONFIG
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing that turns a bad config path, key or value into one message."""
+  path = _config_path(argv)
+  if not os.path.exists(path):
+    configs = sorted(f for f in os.listdir(os.path.join(_REPO, "configs")) if f.endswith(".py"))
+    _fail(f"config file {path!r} not found. Configs: {', '.join(configs)}")
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    try:
+      keys = _config_keys(config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
+          "config", path).get_config())
+      hint = f"\nValid keys of {os.path.basename(path)}: {', '.join(keys)}"
+    except Exception:  # pylint: disable=broad-except
+      hint = ""
+    _fail(f"bad command line: {message}{hint}")
+    raise  # unreachable
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}; config overrides look like --config.KEY=VALUE.")
+  config = _CONFIG.value
+  config_name = os.path.splitext(os.path.basename(_config_path(sys.argv)))[0]
+  workdir = _WORKDIR.value or os.path.join("runs", config_name)
+  os.makedirs(workdir, exist_ok=True)
+
+  from ddpm_ot_jax.experiments import common  # pylint: disable=g-import-not-at-top
+
+  if not config.get("experiment"):
+    _fail(f"config {config_name} does not name an experiment (config.experiment).")
+  try:
+    experiment = importlib.import_module(f"ddpm_ot_jax.experiments.{config.experiment}")
+  except ModuleNotFoundError as e:
+    if e.name != f"ddpm_ot_jax.experiments.{config.experiment}":
+      raise
+    _fail(f"unknown experiment {config.experiment!r} in config {config_name}.")
+
+  common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  logging.info("Running %s (experiment %s) in %s", config_name, config.experiment, workdir)
+  common.set_precision(config.get("x64", False))
+  start = time.perf_counter()
+  try:
+    results = experiment.run(config, workdir)
+  except _USER_ERRORS as e:
+    if _TRACEBACK.value:
+      raise
+    _fail(f"{type(e).__name__}: {e}\n(run with --traceback for the full trace)")
+  results = dict(results)
+  results.setdefault("seconds_total", time.perf_counter() - start)
+  common.write_json(os.path.join(workdir, "results.json"), results)
+  print(f"Wrote {os.path.join(workdir, 'results.json')}")
+  for key in sorted(results):
+    value = results[key]
+    if isinstance(value, (int, float)):
+      print(f"  {key:40s} {value:.6g}")
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, _REPO)  # so configs can be loaded from any working directory
+  app.run(main, flags_parser=_parse_flags)
