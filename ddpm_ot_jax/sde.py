@@ -154,7 +154,9 @@ class DiscreteSchedule:
 
   With N = 1000, β_1 = 1e-4, β_N = 0.02 it is the discretization of `LinearSchedule`
   (β_min = 0.1, β_max = 20) at t_i = (i + 1)/N: β_i ≈ β(t_i)/N and
-  ᾱ_i ≈ exp(−B(t_i)) (see `continuous_time`).
+  −log ᾱ_i = B(t_i) + Σ_{j≤i} β_j²/2 + O(1/N), since −log(1 − β) = β + β²/2 + …; so the
+  discrete ᾱ_999 is about 7% below exp(−B(1)). Samplers of a network trained on the discrete
+  chain use ᾱ_i itself, not its continuous approximation.
   """
 
   num_steps: int = 1000

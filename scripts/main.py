@@ -64,14 +64,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    # KeyErrors arrive as a repr inside the flag error; unquote them for a readable line.
+    text = str(e).replace("\\n", " ").replace("\\'", "").replace("\n", " ")
+    message = " ".join(text.strip("'\" ").split()) or type(e).__name__
     try:
       keys = _config_keys(config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
           "config", path).get_config())
       hint = f"\nValid keys of {os.path.basename(path)}: {', '.join(keys)}"
     except Exception:  # pylint: disable=broad-except
       hint = ""
-    _fail(f"bad command line: {message}{hint}")
+    _fail(f"bad config override ({message}){hint}")
     raise  # unreachable
 
 

@@ -1,0 +1,7 @@
+"""Test-wide setup: the repo root on sys.path (configs/ is imported by path)."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
