@@ -43,7 +43,7 @@ def gaussian_flow_figure(
   ax.scatter(trajectories[:, -1, 0], trajectories[:, -1, 1], s=8, c="r", label="E(x)")
   ax.set_title("probability-flow ODE trajectories")
   ax.legend(loc="best", fontsize=8)
-  ax.set_aspect("equal")
+  ax.set_aspect("equal", adjustable="datalim")
   ax = fig.add_subplot(grid[1, k:])
   starts = trajectories[:, 0]
   for a, b in zip(starts, ot_targets):
@@ -52,7 +52,7 @@ def gaussian_flow_figure(
   ax.scatter(ot_targets[:, 0], ot_targets[:, 1], s=8, c="r", label="Σ0^{-1/2}(x − a0)")
   ax.set_title("OT displacement (straight lines)")
   ax.legend(loc="best", fontsize=8)
-  ax.set_aspect("equal")
+  ax.set_aspect("equal", adjustable="datalim")
   fig.tight_layout()
   return fig
 
