@@ -28,7 +28,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest==9.0.3", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
+    # torch (CPU build) and diffusers are the reference forward pass of the UNet importer test.
+    "test": ["pytest==9.0.3", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0",
+             "torch==2.13.0", "diffusers==0.42.1"],
     "notebooks": ["nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
 }
 

@@ -2,7 +2,7 @@
 
 Small randomly initialised UNet2DModels are written with diffusers' save_pretrained
 (safetensors + config.json), imported, and our ε_θ(x, t, y) is compared with diffusers'
-on the same inputs. Needs torch and diffusers (setup.py's [test] extra); skipped without.
+on the same inputs. Needs torch and diffusers, which setup.py's [test] extra installs.
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import tempfile
-import unittest
 
 from absl.testing import absltest
 import jax.numpy as jnp
@@ -20,11 +19,8 @@ import safetensors.numpy
 from ddpm_ot_jax.models import diffusers_import
 from ddpm_ot_jax.models import unet as unet_lib
 
-try:
-  import diffusers  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-except ImportError:  # pragma: no cover
-  diffusers = torch = None
+import diffusers  # the reference implementation; pip install -e ".[test]"
+import torch
 
 # The checkpoint's conventions (google/ddpm-cifar10-32) at a small size: [sin, cos] time
 # embedding with freq_shift 1, bottom/right padding in the downsampler, ε = 1e-6, 1 head.
@@ -75,7 +71,6 @@ def _compare(test, reference, folder: str, labels=None) -> None:
   np.testing.assert_allclose(ours, expected.numpy(), atol=1e-4, rtol=0)
 
 
-@unittest.skipIf(diffusers is None, "needs torch and diffusers (pip install -e .[test])")
 class DiffusersImportTest(absltest.TestCase):
 
   @classmethod
