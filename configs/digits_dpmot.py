@@ -18,8 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.dpmot = ml_collections.ConfigDict(dict(
       target_split="train",  # the N targets y_j: 'train' (the model's data) or 'heldout'
       max_targets=0,  # 0: all of the split
-      # Switch step M: x_M = √ᾱ_M y + √(1 − ᾱ_M) ε. Index 9 has √((1 − ᾱ)/ᾱ) ≈ 0.032 on [−1, 1]
-      # pixels, the reference code's σ ≈ 0.014 on [0, 1] pixels; 10 reverse steps from there.
+      # Switch step M: x_M = √ᾱ_M y + √(1 − ᾱ_M) ε. The reference code's σ ≈ 0.014 on [0, 1]
+      # pixels (0.028 on [−1, 1]) sits at index ≈ 4 here; index 9 (√((1 − ᾱ)/ᾱ) = 0.044) is the
+      # lowest that leaves room for 10 reverse steps, so NFE = 10 as in the paper.
       switch_index=9,
       sampler="ddim",  # reverse steps from x_M: 'ddim', 'ddpm' or 'dpm_solver'
       eta=1.0,  # DDIM's η (1: ancestral-like noise, as the reference's Langevin steps)
@@ -41,7 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
       methods=("ddpm", "ddim_10", "ddim_50", "dpm_solver_10", "dpmot_10", "pf_ode"),
       num_samples=300,  # per method (= the held-out split's size, so the floor is comparable)
       batch_size=300,
-      heldout_split="heldout",
+      floor_split="heldout",  # real images outside the training set: the data floor row
+      novelty_split="heldout",  # real images outside the targets: the memorization reference
+      max_novelty_images=0,  # 0: all of novelty_split
       features="classifier",  # 'classifier' (digits) or 'inception' (RGB sets)
       inception_weights="",  # pytorch-fid weights file (features='inception')
       pr_k=3,

@@ -202,11 +202,14 @@ class Evaluator:
 
 
 def _evaluator(config, train_set: data.ImageDataset, heldout: data.ImageDataset, workdir: str) -> Evaluator:
+  """Inception features (pytorch-fid weights) or a digits classifier trained on `train_set`
+  (cached in the workdir; its accuracy on `heldout` reported)."""
   ec = config.evaluation
   if ec.features == "inception":
     from ddpm_ot_jax.models import inception  # pylint: disable=g-import-not-at-top
 
-    model, variables = inception.load_pytorch_fid_weights(ec.inception_weights or None)
+    path = os.path.expanduser(ec.inception_weights) if ec.inception_weights else None
+    model, variables = inception.load_pytorch_fid_weights(path)
     feature_fn = inception.make_feature_fn(model, variables)
     feats = lambda images: np.asarray(inception.extract_features(feature_fn, images))
     return Evaluator(feats, None, "inception")
@@ -232,7 +235,8 @@ def _evaluator(config, train_set: data.ImageDataset, heldout: data.ImageDataset,
 
 
 def _metrics(images: np.ndarray, evaluator: Evaluator, reference_features: np.ndarray,
-             targets: np.ndarray, heldout_pixels: np.ndarray, config) -> dict[str, float]:
+             targets: np.ndarray, novelty_pixels: np.ndarray, config,
+             with_memorization: bool = True) -> dict[str, float]:
   ec = config.evaluation
   feats = evaluator.features(images)
   out = {"fid": metrics.fid_from_features(reference_features, feats)}
@@ -241,9 +245,10 @@ def _metrics(images: np.ndarray, evaluator: Evaluator, reference_features: np.nd
     probs = evaluator.probs(images)
     out["mmr"] = metrics.mode_mixture_ratio(probs, ec.mmr_lambda)
     out["recognized_fraction"] = metrics.recognized_fraction(probs)
-  mem = metrics.memorization(images, targets, heldout_pixels)
-  out["copy_fraction"] = mem["copy_fraction"]
-  out["nn_distance_ratio"] = mem["nn_distance_ratio"]
+  if with_memorization:
+    mem = metrics.memorization(images, targets, novelty_pixels)
+    out["copy_fraction"] = mem["copy_fraction"]
+    out["nn_distance_ratio"] = mem["nn_distance_ratio"]
   return out
 
 
@@ -296,15 +301,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   watch = common.Stopwatch()
   dc, ec = config.dpmot, config.evaluation
   # Everything a user can get wrong about inputs fails here, before hours of training.
-  train_set = _load_split(config, "train")
-  heldout = _load_split(config, ec.heldout_split)
-  targets_set = _load_split(config, dc.target_split)
-  evaluator = _evaluator(config, train_set, heldout, workdir)
-  logging.info("Data: %d train, %d held-out (%s), %d targets (%s) of shape %s", len(train_set),
-               len(heldout), ec.heldout_split, len(targets_set), dc.target_split, train_set.image_shape)
-  if dc.target_split == ec.heldout_split:
-    raise ValueError("dpmot.target_split and evaluation.heldout_split must differ: the held-out "
+  if dc.target_split == ec.novelty_split:
+    raise ValueError("dpmot.target_split and evaluation.novelty_split must differ: the novelty "
                      "images are the reference for 'not a copy of a target'.")
+  if ec.floor_split == "train":
+    raise ValueError("evaluation.floor_split must not be 'train': the data floor compares real "
+                     "images outside the training set with it.")
+  train_set = _load_split(config, "train")
+  floor_set = _load_split(config, ec.floor_split)
+  novelty_set = _load_split(config, ec.novelty_split)
+  targets_set = _load_split(config, dc.target_split)
+  evaluator = _evaluator(config, train_set, floor_set, workdir)
+  logging.info("Data: %d train, %d floor (%s), %d novelty reference (%s), %d targets (%s) of shape %s",
+               len(train_set), len(floor_set), ec.floor_split, len(novelty_set), ec.novelty_split,
+               len(targets_set), dc.target_split, train_set.image_shape)
 
   # 1. Model.
   model_fp = stages.fingerprint(_model_inputs(config))
@@ -318,7 +328,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if dc.max_targets and len(targets) > dc.max_targets:
     targets = targets[:dc.max_targets]
   reference_features = evaluator.features(train_set.images)
-  heldout_pixels = heldout.images
+  novelty_pixels = novelty_set.images[:ec.max_novelty_images or None]
 
   # 2–3. Latents and OT potential at the switch index (and the sweep's).
   def expressway(switch_index: int, iterations: int):
@@ -360,7 +370,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return {"images": images, "nfe": np.array(nfe), "seconds": np.array(seconds)}
 
     arrays, cached = stages.cached_arrays(os.path.join(workdir, f"samples-{_key(method.name)}.npz"), fp, compute)
-    row = _metrics(arrays["images"], evaluator, reference_features, targets, heldout_pixels, config)
+    row = _metrics(arrays["images"], evaluator, reference_features, targets, novelty_pixels, config)
     row["nfe"], row["seconds"] = int(arrays["nfe"]), float(arrays["seconds"])
     rows.append((method.name, row))
     ddpm_training.save_image_grid(arrays["images"][:100], os.path.join(workdir, f"samples_{_key(method.name)}.png"),
@@ -369,9 +379,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  row["copy_fraction"], row["seconds"], " (cached samples)" if cached else "")
     results.update({f"{k}_{_key(method.name)}": v for k, v in row.items()})
 
-  floor = _metrics(heldout.images, evaluator, reference_features, targets, heldout_pixels, config)
+  # The floor's memorization is meaningless when the floor images are the targets themselves.
+  floor = _metrics(floor_set.images, evaluator, reference_features, targets, novelty_pixels, config,
+                   with_memorization=ec.floor_split != dc.target_split)
   floor["nfe"] = 0
-  rows.append(("data floor (held-out)", floor))
+  rows.append((f"data floor ({ec.floor_split})", floor))
   results.update({f"{k}_data_floor": v for k, v in floor.items() if k != "nfe"})
   if evaluator.probs is not None:
     results["mmr_lambdas"] = list(ec.mmr_sweep)
@@ -388,13 +400,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   if dc.switch_sweep:
     results.update(_sweep(config, expressway, model, params, schedule, mesh, train_set, evaluator,
-                          reference_features, targets, heldout_pixels, method_key, workdir))
+                          reference_features, targets, novelty_pixels, method_key, workdir))
   results["seconds"] = watch.seconds()
   return results
 
 
 def _sweep(config, expressway, model, params, schedule, mesh, train_set, evaluator, reference_features,
-           targets, heldout_pixels, method_key, workdir) -> dict:
+           targets, novelty_pixels, method_key, workdir) -> dict:
   """FID vs memorization of DPM-OT at fixed NFE over switch indices M (plot + keys)."""
   dc, ec = config.dpmot, config.evaluation
   fids, copies, ratios = [], [], []
@@ -409,7 +421,7 @@ def _sweep(config, expressway, model, params, schedule, mesh, train_set, evaluat
       return {"images": images, "nfe": np.array(nfe), "seconds": np.array(seconds)}
 
     arrays, _ = stages.cached_arrays(os.path.join(workdir, f"sweep-{m}.npz"), fp, compute)
-    row = _metrics(arrays["images"], evaluator, reference_features, targets, heldout_pixels, config)
+    row = _metrics(arrays["images"], evaluator, reference_features, targets, novelty_pixels, config)
     fids.append(row["fid"])
     copies.append(row["copy_fraction"])
     ratios.append(row["nn_distance_ratio"])
