@@ -307,6 +307,7 @@ def load_dataset(name: str, split: str, root: str | None = None,
   root/<split> if that folder exists (AFHQ's train/ and val/), else (for 'train' or 'all')
   in root itself.
   """
+  root = os.path.expanduser(root) if root else root
   if name == "digits":
     if resolution not in (None, 8):
       raise ValueError(f"digits images are 8×8; got resolution={resolution}.")
