@@ -59,6 +59,11 @@ class FlowSolution(NamedTuple):
   trajectory: Array | None = None  # (n, k, *event_shape)
 
 
+def solver_class(solver: str) -> type[diffrax.AbstractSolver]:
+  """The diffrax solver class of a solver name ('tsit5', 'dopri5', 'dopri8', 'heun')."""
+  return _SOLVERS[solver][0]
+
+
 def nfe_from_steps(solver: str, num_steps: Array) -> Array:
   """Number of vector-field evaluations of `num_steps` steps (accepted and rejected)."""
   _, per_step, start = _SOLVERS[solver]
@@ -66,7 +71,7 @@ def nfe_from_steps(solver: str, num_steps: Array) -> Array:
 
 
 def _solve_one(vector_field, x, t0, t1, options: SolverOptions, save_ts, adjoint):
-  solver_cls, _, _ = _SOLVERS[options.solver]
+  solver_cls = solver_class(options.solver)
   if save_ts is None:
     saveat = diffrax.SaveAt(t1=True)
   else:

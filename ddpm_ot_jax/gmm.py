@@ -34,9 +34,12 @@ class GaussianMixture:
     return self.means.shape[-1]
 
 
-def _component_log_probs(mixture: GaussianMixture, x: Array, alpha, sigma2):
-  """log w_k + log N(x; α m_k, α² S_k + σ² I) and the per-component scores at one x."""
-  lam, vecs = jnp.linalg.eigh(mixture.covs)  # (K, d), (K, d, d)
+def _component_log_probs(mixture: GaussianMixture, eig, x: Array, alpha, sigma2):
+  """log w_k + log N(x; α m_k, α² S_k + σ² I) and the per-component scores at one x.
+
+  eig = (λ (K, d), V (K, d, d)): the eigendecompositions S_k = V_k diag(λ_k) V_kᵀ.
+  """
+  lam, vecs = eig
   var = alpha**2 * lam + sigma2  # (K, d)
   diff = x - alpha * mixture.means  # (K, d)
   proj = jnp.einsum("kdi,kd->ki", vecs, diff)  # V_kᵀ (x − α m_k)
@@ -49,7 +52,7 @@ def _component_log_probs(mixture: GaussianMixture, x: Array, alpha, sigma2):
 
 def log_prob(mixture: GaussianMixture, x: Array) -> Array:
   """log p0(x) for one point x of shape (d,)."""
-  logs, _ = _component_log_probs(mixture, x, 1.0, 0.0)
+  logs, _ = _component_log_probs(mixture, jnp.linalg.eigh(mixture.covs), x, 1.0, 0.0)
   return jax.scipy.special.logsumexp(logs)
 
 
@@ -62,12 +65,13 @@ def marginal(mixture: GaussianMixture, schedule: sde.Schedule, t: Array) -> Gaus
 
 
 def score_fn(mixture: GaussianMixture, schedule: sde.Schedule) -> sde.ScoreFn:
-  """(x, t) ↦ ∇_x log p_t(x) for one point x, exact at every t."""
+  """(x, t) ↦ ∇_x log p_t(x) for one point x, exact at every t (S_k diagonalised once)."""
+  eig = jnp.linalg.eigh(mixture.covs)
 
   def score(x: Array, t: Array) -> Array:
     alpha = sde.marginal_mean_coeff(schedule, t)
     sigma2 = sde.marginal_std(schedule, t) ** 2
-    logs, scores = _component_log_probs(mixture, x, alpha, sigma2)
+    logs, scores = _component_log_probs(mixture, eig, x, alpha, sigma2)
     resp = jax.nn.softmax(logs)
     return resp @ scores
 

@@ -1,0 +1,835 @@
+"""Samplers for ε-prediction diffusion models: DDPM, DDIM, DPM-Solver(++), the PF-ODE.
+
+Conventions
+-----------
+The network is an ε-predictor on a batch, `eps_fn(x, t_index) -> ε̂`, where x has shape
+(B, ...) and `t_index` (B,) is a float on DDPM's step scale [0, N − 1] (fractional values
+allowed). Step i has continuous time t_i = (i + 1)/N (`sde.DiscreteSchedule.continuous_time`),
+and x_i = α_i x_0 + σ_i ε with α_i = √ᾱ_i, σ_i = √(1 − ᾱ_i). The clean level x_0 of the
+data sits at t = 0 (index −1, ᾱ = 1).
+
+Between the steps the samplers use one continuous-time view of the discrete schedule: log α(t)
+is piecewise linear in t through the knots (k/N, ½ log ᾱ_{k−1}), k = 0..N, with ᾱ_{−1} = 1
+(`DiscreteTimeSchedule`; this is Lu et al. 2022's NoiseScheduleVP('discrete') with the extra
+knot at t = 0). At integer indices it reproduces ᾱ_i exactly, so DDPM and DDIM on integer
+steps are the textbook algorithms; DPM-Solver and the PF-ODE evaluate the network at the
+fractional indices t·N − 1 of that view. A network trained in continuous time on an
+`sde.Schedule` is served by `ContinuousTimeSchedule(schedule, num_steps)` instead. Both views
+implement the `sde.Schedule` protocol (beta, beta_integral, t_max), so the closed forms of
+`gaussian` and `gmm` built on a view are the exact answers of these samplers.
+
+Every sampler returns `SampleResult(x, nfe)`; nfe is counted by the code (a counter carried
+through the sampling loop, incremented at each network call, or diffrax's step statistics for
+the adaptive ODE solve). The loops run inside `jax.jit` (`lax.scan`, `diffrax.diffeqsolve`),
+batched over the leading axis: shard that axis across devices before calling and the
+computation follows the sharding. `eps_fn` is passed to the jitted loop as a pytree
+(`jax.tree_util.Partial`), so network parameters are arguments, not baked-in constants.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Union
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_ot_jax import flow
+from ddpm_ot_jax import sde
+
+Array = jax.Array
+EpsFn = Callable[[Array, Array], Array]  # (x (B, ...), t_index (B,)) -> ε̂ (B, ...)
+
+
+class SampleResult(NamedTuple):
+  """The sampler's output x and its number of network evaluations.
+
+  `nfe` is a Python int, or a traced int32 scalar when the sampler runs inside an outer jit.
+  """
+
+  x: Array
+  nfe: Any
+
+
+# ----------------------------------------------------------------------------------------
+# Continuous-time views of a discrete schedule.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscreteTimeSchedule:
+  """Lu et al. (2022)'s 'discrete' VP schedule: log α(t) piecewise linear in t.
+
+  Knots (k/N, ½ log ᾱ_{k−1}) for k = 0..N with ᾱ_{−1} = 1, so α(t_i) = √ᾱ_i exactly at
+  t_i = (i + 1)/N. As an `sde.Schedule`: B(t) = −2 log α(t) and β(t) = B'(t), which is
+  −N log(1 − β_k) on the k-th interval ((k/N, (k + 1)/N]).
+  """
+
+  discrete: sde.DiscreteSchedule = sde.DiscreteSchedule()
+
+  @property
+  def num_steps(self) -> int:
+    return self.discrete.num_steps
+
+  @property
+  def t_max(self) -> float:
+    return 1.0
+
+  def _knots(self) -> tuple[np.ndarray, np.ndarray]:
+    # In numpy (float64) at trace time: the tables enter jitted code as constants.
+    n = self.num_steps
+    ts = np.arange(n + 1) / n
+    betas = np.linspace(self.discrete.beta_start, self.discrete.beta_end, n)
+    log_alpha = np.concatenate([[0.0], 0.5 * np.cumsum(np.log1p(-betas))])
+    return ts, log_alpha
+
+  def log_alpha(self, t: Array) -> Array:
+    """log α(t) by linear interpolation between the knots (clamped outside [0, 1])."""
+    ts, log_alpha = self._knots()
+    return jnp.interp(t, ts, log_alpha)
+
+  def time_of_log_alpha(self, log_alpha: Array) -> Array:
+    """The inverse of `log_alpha` (log α decreases strictly in t)."""
+    ts, knots = self._knots()
+    return jnp.interp(log_alpha, knots[::-1].copy(), ts[::-1].copy())
+
+  def beta_integral(self, t: Array) -> Array:
+    return -2.0 * self.log_alpha(t)
+
+  def beta(self, t: Array) -> Array:
+    n = self.num_steps
+    k = jnp.clip(jnp.ceil(jnp.asarray(t) * n).astype(jnp.int32) - 1, 0, n - 1)
+    betas = np.linspace(self.discrete.beta_start, self.discrete.beta_end, n)
+    return jnp.asarray(-n * np.log1p(-betas))[k]
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinuousTimeSchedule:
+  """A continuous `sde.Schedule` indexed like a DDPM: step i ↔ t = (i + 1)/N · t_max.
+
+  For networks trained in continuous time with the model input t·N/t_max − 1.
+  """
+
+  schedule: Any = sde.LinearSchedule()
+  num_steps: int = 1000
+
+  @property
+  def t_max(self) -> float:
+    return self.schedule.t_max
+
+  def log_alpha(self, t: Array) -> Array:
+    return -0.5 * self.schedule.beta_integral(t)
+
+  def time_of_log_alpha(self, log_alpha: Array) -> Array:
+    """B⁻¹(−2 log α) by 64 bisection steps on [0, t_max] (B increases strictly)."""
+    target = -2.0 * jnp.asarray(log_alpha)
+    lo = jnp.zeros_like(target)
+    hi = jnp.full_like(target, self.t_max)
+
+    def body(_, bounds):
+      lo, hi = bounds
+      mid = 0.5 * (lo + hi)
+      below = self.schedule.beta_integral(mid) < target
+      return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, 64, body, (lo, hi))
+    return 0.5 * (lo + hi)
+
+  def beta_integral(self, t: Array) -> Array:
+    return self.schedule.beta_integral(t)
+
+  def beta(self, t: Array) -> Array:
+    return self.schedule.beta(t)
+
+
+NoiseSchedule = Union[DiscreteTimeSchedule, ContinuousTimeSchedule]
+
+
+def noise_schedule(schedule: sde.DiscreteSchedule | NoiseSchedule) -> NoiseSchedule:
+  """The continuous-time view the samplers use: `DiscreteTimeSchedule` for a DiscreteSchedule."""
+  if isinstance(schedule, sde.DiscreteSchedule):
+    return DiscreteTimeSchedule(schedule)
+  if isinstance(schedule, (DiscreteTimeSchedule, ContinuousTimeSchedule)):
+    return schedule
+  raise TypeError(
+      f"Samplers take an sde.DiscreteSchedule (or a DiscreteTimeSchedule/ContinuousTimeSchedule"
+      f" view of one), got {type(schedule).__name__}.")
+
+
+def time_of_index(view: NoiseSchedule, index: Array) -> Array:
+  """t = (i + 1)/N · t_max."""
+  return (jnp.asarray(index) + 1.0) / view.num_steps * view.t_max
+
+
+def index_of_time(view: NoiseSchedule, t: Array) -> Array:
+  """i = t N / t_max − 1, the network's step index of time t."""
+  return jnp.asarray(t) * view.num_steps / view.t_max - 1.0
+
+
+def log_alpha_std(view: NoiseSchedule, t: Array) -> tuple[Array, Array]:
+  """(log α(t), σ(t)) with σ = √(1 − α²) computed as √(−expm1(2 log α))."""
+  log_alpha = view.log_alpha(t)
+  return log_alpha, jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
+
+
+def half_log_snr(view: NoiseSchedule, t: Array) -> Array:
+  """λ(t) = log α(t) − log σ(t) (DPM-Solver's half log-SNR)."""
+  log_alpha = view.log_alpha(t)
+  return log_alpha - 0.5 * jnp.log(-jnp.expm1(2.0 * log_alpha))
+
+
+def time_of_half_log_snr(view: NoiseSchedule, lam: Array) -> Array:
+  """λ⁻¹: log α = −½ log(1 + e^{−2λ}), then t from the view's inverse of log α."""
+  return view.time_of_log_alpha(-0.5 * jnp.logaddexp(0.0, -2.0 * jnp.asarray(lam)))
+
+
+# ----------------------------------------------------------------------------------------
+# ε-predictors.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModelEps:
+  """Calls a flax apply: apply({'params': params}, x, t_index, y, train=False)."""
+
+  apply_fn: Callable
+
+  def __call__(self, params, y, x, t_index):
+    return self.apply_fn({"params": params}, x, t_index, y, train=False)
+
+
+def model_eps_fn(apply_fn: Callable, params: Any, y: Array | None = None) -> EpsFn:
+  """Wraps a flax UNet's apply into `eps_fn(x, t_index)`.
+
+  Returns a `jax.tree_util.Partial` whose leaves are `params` (and the class labels `y`), so
+  the samplers' jitted loops take them as arguments; `apply_fn` is static (reuse the same
+  module object and the compiled loop is reused).
+  """
+  return jax.tree_util.Partial(_ModelEps(apply_fn), params, y)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScoreEps:
+  score_fn: Callable
+  score_schedule: Any
+  num_steps: int
+
+  def __call__(self, x, t_index):
+    t = (jnp.asarray(t_index, x.dtype) + 1.0) / self.num_steps * self.score_schedule.t_max
+    sigma = sde.marginal_std(self.score_schedule, t)
+    score = jax.vmap(self.score_fn)(x, t)
+    return -sigma.reshape((-1,) + (1,) * (x.ndim - 1)) * score
+
+
+def eps_fn_from_score(
+    score_fn: sde.ScoreFn,
+    schedule: sde.DiscreteSchedule | NoiseSchedule,
+    score_schedule: sde.Schedule | None = None,
+) -> EpsFn:
+  """ε̂(x, i) = −σ(t) ∇ log p_t(x) at t = (i + 1)/N, for an exact per-point `score_fn(x, t)`.
+
+  `score_schedule` is the schedule the score was built on (its σ is used). Default: the
+  view itself when `schedule` is a view; `schedule.continuous_schedule()` (the linear
+  β 0.1..20 SDE) for a DiscreteSchedule. The samplers run on `noise_schedule(schedule)`;
+  for answers that are exact up to each sampler's own discretisation error, build the score
+  on that view (e.g. `gaussian.score_fn(noise_schedule(ds), mean, cov)`) and pass it here as
+  `score_schedule`. (The linear SDE and DDPM's ᾱ_i differ by up to 0.7% in log ᾱ_i, and
+  by 5% in σ at step 0.)
+  """
+  if score_schedule is None:
+    if isinstance(schedule, sde.DiscreteSchedule):
+      score_schedule = schedule.continuous_schedule()
+    else:
+      score_schedule = schedule
+  num_steps = noise_schedule(schedule).num_steps
+  return jax.tree_util.Partial(_ScoreEps(score_fn, score_schedule, num_steps))
+
+
+def _as_pytree(eps_fn: EpsFn) -> jax.tree_util.Partial:
+  if isinstance(eps_fn, jax.tree_util.Partial):
+    return eps_fn
+  return jax.tree_util.Partial(eps_fn)
+
+
+def _call_eps(eps_fn, x: Array, index: Array) -> Array:
+  t_index = jnp.full((x.shape[0],), index, dtype=x.dtype)
+  return eps_fn(x, t_index)
+
+
+def _bcast(value: Array, x: Array) -> Array:
+  """A scalar coefficient in x's dtype."""
+  return jnp.asarray(value, x.dtype)
+
+
+def _finish(x: Array, nfe: Array) -> SampleResult:
+  if isinstance(nfe, jax.core.Tracer):
+    return SampleResult(x, nfe)
+  return SampleResult(x, int(nfe))
+
+
+def _default_start(view: NoiseSchedule, start_index):
+  return view.num_steps - 1 if start_index is None else start_index
+
+
+def _check_steps(num_steps: int):
+  if not isinstance(num_steps, int) or num_steps < 1:
+    raise ValueError(f"num_steps must be a positive int, got {num_steps!r}.")
+
+
+# ----------------------------------------------------------------------------------------
+# DDPM ancestral sampling (Ho et al. 2020, Algorithm 2).
+# ----------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("view", "start_index", "variance"))
+def _ddpm_loop(eps_fn, x, key, view, start_index, variance):
+  index = jnp.arange(start_index, -1, -1)
+  log_alpha = view.log_alpha(time_of_index(view, index))
+  log_alpha_prev = view.log_alpha(time_of_index(view, index - 1))  # log α at index −1 is 0
+  beta = -jnp.expm1(2.0 * (log_alpha - log_alpha_prev))  # β_i = 1 − ᾱ_i/ᾱ_{i−1}
+  one_minus_abar = -jnp.expm1(2.0 * log_alpha)
+  if variance == "beta":
+    var = beta
+  else:  # β̃_i = β_i (1 − ᾱ_{i−1})/(1 − ᾱ_i)
+    var = beta * -jnp.expm1(2.0 * log_alpha_prev) / one_minus_abar
+  std = jnp.where(index > 0, jnp.sqrt(var), 0.0)
+  eps_coeff = beta / jnp.sqrt(one_minus_abar)
+  inv_sqrt_alpha = jnp.exp(log_alpha_prev - log_alpha)  # 1/√(1 − β_i)
+  keys = jax.random.split(key, index.shape[0])
+
+  def step(carry, inputs):
+    x, nfe = carry
+    i, c_eps, c_scale, s, k = inputs
+    eps = _call_eps(eps_fn, x, i)
+    mean = _bcast(c_scale, x) * (x - _bcast(c_eps, x) * eps)
+    x = mean + _bcast(s, x) * jax.random.normal(k, x.shape, x.dtype)
+    return (x, nfe + 1), None
+
+  (x, nfe), _ = jax.lax.scan(
+      step, (x, jnp.zeros((), jnp.int32)), (index, eps_coeff, inv_sqrt_alpha, std, keys))
+  return x, nfe
+
+
+def ddpm_ancestral(
+    eps_fn: EpsFn,
+    schedule: sde.DiscreteSchedule | NoiseSchedule,
+    x_T: Array,
+    key: Array,
+    start_index: int | None = None,
+    variance: str = "beta",
+) -> SampleResult:
+  """DDPM's ancestral sampler from step `start_index` (default N − 1) down to the data.
+
+  For i = start_index, …, 0 (Ho et al. 2020, Algorithm 2, with Ho's x_t = our x at index t−1):
+
+      x_{i−1} = (x_i − β_i/√(1 − ᾱ_i) ε̂(x_i, i)) / √(1 − β_i) + s_i z,   z ~ N(0, I),
+
+  with s_i² = β_i ('beta', Ho's CIFAR-10 choice) or β̃_i = β_i (1 − ᾱ_{i−1})/(1 − ᾱ_i)
+  ('beta_tilde'), and no noise at i = 0, whose output is the sample x_0. `x_T` is the state
+  at step `start_index` (N(0, I) for a full run; x_M for DPM-OT). NFE = start_index + 1.
+  Step i draws its noise from `jax.random.split(key, start_index + 1)[start_index − i]`.
+  """
+  view = noise_schedule(schedule)
+  start_index = int(_default_start(view, start_index))
+  if not 0 <= start_index < view.num_steps:
+    raise ValueError(f"start_index must lie in [0, {view.num_steps - 1}], got {start_index}.")
+  if variance not in ("beta", "beta_tilde"):
+    raise ValueError(f"variance must be 'beta' or 'beta_tilde', got {variance!r}.")
+  x, nfe = _ddpm_loop(_as_pytree(eps_fn), x_T, key, view, start_index, variance)
+  return _finish(x, nfe)
+
+
+# ----------------------------------------------------------------------------------------
+# DDIM (Song, Meng & Ermon 2021) and DDIM inversion.
+# ----------------------------------------------------------------------------------------
+
+
+def ddim_indices(num_steps: int, start_index: Array, end_index: Array) -> Array:
+  """The DDIM grid τ: `num_steps` indices uniform from start_index to end_index (inclusive).
+
+  Fractional when (start − end)/(num_steps − 1) is not an integer: the network is then
+  called at fractional steps and ᾱ is read from the interpolated view.
+  """
+  if num_steps == 1:
+    return jnp.reshape(jnp.asarray(start_index, jnp.result_type(float)), (1,))
+  return jnp.linspace(start_index, end_index, num_steps)
+
+
+@functools.partial(jax.jit, static_argnames=("view", "num_steps", "eta"))
+def _ddim_loop(eps_fn, x, key, view, num_steps, eta, start_index, end_index):
+  index = ddim_indices(num_steps, start_index, end_index)
+  log_alpha = view.log_alpha(time_of_index(view, index))
+  # The level after each step: the next grid point, and the data (ᾱ = 1) after the last.
+  log_alpha_next = jnp.concatenate([log_alpha[1:], jnp.zeros(1, log_alpha.dtype)])
+  sigma = jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
+  one_minus_abar_next = -jnp.expm1(2.0 * log_alpha_next)
+  # σ_τ(η) = η √((1 − ᾱ_next)/(1 − ᾱ)) √(1 − ᾱ/ᾱ_next)    (Eq. 16 of the DDIM paper)
+  noise_std = eta * jnp.sqrt(
+      one_minus_abar_next / (sigma**2) * -jnp.expm1(2.0 * (log_alpha - log_alpha_next)))
+  dir_coeff = jnp.sqrt(jnp.maximum(one_minus_abar_next - noise_std**2, 0.0))
+  keys = jax.random.split(key, num_steps)
+
+  def step(carry, inputs):
+    x, nfe = carry
+    i, la, s, la_next, c_dir, c_noise, k = inputs
+    eps = _call_eps(eps_fn, x, i)
+    x0 = (x - _bcast(s, x) * eps) * _bcast(jnp.exp(-la), x)
+    x = _bcast(jnp.exp(la_next), x) * x0 + _bcast(c_dir, x) * eps
+    if eta != 0.0:
+      x = x + _bcast(c_noise, x) * jax.random.normal(k, x.shape, x.dtype)
+    return (x, nfe + 1), None
+
+  inputs = (index, log_alpha, sigma, log_alpha_next, dir_coeff, noise_std, keys)
+  (x, nfe), _ = jax.lax.scan(step, (x, jnp.zeros((), jnp.int32)), inputs)
+  return x, nfe
+
+
+def ddim(
+    eps_fn: EpsFn,
+    schedule: sde.DiscreteSchedule | NoiseSchedule,
+    x_start: Array,
+    num_steps: int,
+    eta: float = 0.0,
+    key: Array | None = None,
+    start_index: float | None = None,
+    end_index: float = 0.0,
+) -> SampleResult:
+  """DDIM with `num_steps` network calls from x at step `start_index` (default N − 1).
+
+  The network is called at τ_1 > … > τ_S, uniform from start_index to end_index
+  (`ddim_indices`; the DDIM paper's 'linear' spacing). Each step (Eq. 12 of Song et al. 2021)
+
+      x̂_0 = (x_τ − σ_τ ε̂)/α_τ,
+      x_next = α_next x̂_0 + √(1 − ᾱ_next − s²) ε̂ + s z,   s = σ_τ(η) of Eq. 16,
+
+  goes to the next grid point; the last step goes to the data level (ᾱ_next = 1, s = 0), i.e.
+  the output is the x_0 prediction x̂_0 at τ_S = end_index. η = 0 is deterministic (the
+  PF-ODE's first-order solver in (σ/α, x/α)); η = 1 with all integer steps is DDPM ancestral
+  with β̃ variance. NFE = num_steps. Stochastic steps need `key`; step k (k = 0 first) draws
+  its noise from `jax.random.split(key, num_steps)[k]`.
+  """
+  _check_steps(num_steps)
+  view = noise_schedule(schedule)
+  start_index = _default_start(view, start_index)
+  eta = float(eta)
+  if eta < 0.0:
+    raise ValueError(f"eta must be ≥ 0, got {eta}.")
+  if eta != 0.0 and key is None:
+    raise ValueError("ddim with eta > 0 draws noise: pass key=jax.random.key(...).")
+  if key is None:
+    key = jax.random.key(0)  # unused when eta == 0
+  x, nfe = _ddim_loop(
+      _as_pytree(eps_fn), x_start, key, view, num_steps, eta, start_index, end_index)
+  return _finish(x, nfe)
+
+
+@functools.partial(jax.jit, static_argnames=("view", "num_steps"))
+def _ddim_invert_loop(eps_fn, x, view, num_steps, start_index, end_index):
+  # The decoder's grid (ddim from end_index to start_index), reversed: increasing.
+  index = ddim_indices(num_steps, end_index, start_index)[::-1]
+  log_alpha = view.log_alpha(time_of_index(view, index))
+  # Step k goes from level k−1 (the data for k = 0) to grid point k, calling the network
+  # at level k−1 (at grid point 0 with the data as input for k = 0).
+  log_alpha_src = jnp.concatenate([jnp.zeros(1, log_alpha.dtype), log_alpha[:-1]])
+  eval_index = jnp.concatenate([index[:1], index[:-1]])
+  sigma_src = jnp.sqrt(-jnp.expm1(2.0 * log_alpha_src))
+  sigma_dst = jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
+
+  def step(carry, inputs):
+    x, nfe = carry
+    i, la_src, s_src, la_dst, s_dst = inputs
+    eps = _call_eps(eps_fn, x, i)
+    x0 = (x - _bcast(s_src, x) * eps) * _bcast(jnp.exp(-la_src), x)
+    x = _bcast(jnp.exp(la_dst), x) * x0 + _bcast(s_dst, x) * eps
+    return (x, nfe + 1), None
+
+  inputs = (eval_index, log_alpha_src, sigma_src, log_alpha, sigma_dst)
+  (x, nfe), _ = jax.lax.scan(step, (x, jnp.zeros((), jnp.int32)), inputs)
+  return x, nfe
+
+
+def ddim_invert(
+    eps_fn: EpsFn,
+    schedule: sde.DiscreteSchedule | NoiseSchedule,
+    x0: Array,
+    num_steps: int,
+    start_index: float = 0.0,
+    end_index: float | None = None,
+) -> SampleResult:
+  """DDIM inversion: data x_0 ↦ latent at step `end_index` (default N − 1), η = 0.
+
+  The mirror of `ddim(…, num_steps, start_index=end_index, end_index=start_index)` on the
+  same grid τ_1 < … < τ_S: x goes data → τ_1 → … → τ_S by
+
+      x_next = α_next x̂_0 + σ_next ε̂,   x̂_0 = (x − σ ε̂)/α,
+
+  with ε̂ from the network at the current level (at τ_1 with the data as input for the first
+  step, where no network level exists). Decoding with `ddim` from the latent inverts it up to
+  the O(1/S) mismatch of evaluating ε̂ at opposite ends of each step. NFE = num_steps.
+  """
+  _check_steps(num_steps)
+  view = noise_schedule(schedule)
+  end_index = view.num_steps - 1 if end_index is None else end_index
+  x, nfe = _ddim_invert_loop(_as_pytree(eps_fn), x0, view, num_steps, start_index, end_index)
+  return _finish(x, nfe)
+
+
+# ----------------------------------------------------------------------------------------
+# Multistep DPM-Solver and DPM-Solver++ (Lu et al. 2022a, 2022b).
+# ----------------------------------------------------------------------------------------
+
+
+def dpm_solver_times(
+    view: NoiseSchedule, num_steps: int, t_start: Array, t_end: Array, skip_type: str = "logSNR"
+) -> Array:
+  """num_steps + 1 times from t_start to t_end: uniform in λ ('logSNR') or in t ('time_uniform')."""
+  if skip_type == "logSNR":
+    lam = jnp.linspace(half_log_snr(view, t_start), half_log_snr(view, t_end), num_steps + 1)
+    return time_of_half_log_snr(view, lam)
+  if skip_type == "time_uniform":
+    return jnp.linspace(t_start, t_end, num_steps + 1)
+  raise ValueError(f"skip_type must be 'logSNR' or 'time_uniform', got {skip_type!r}.")
+
+
+def dpm_solver_orders(num_steps: int, order: int, lower_order_final: bool = True) -> list[int]:
+  """The order of each of the num_steps multistep updates (Lu et al.'s reference code).
+
+  Warm-up: step k (1-based) uses order min(order, k), as only k model values exist. With
+  `lower_order_final` and num_steps < 10 the last steps drop to min(order, num_steps + 1 − k).
+  """
+  orders = []
+  for k in range(1, num_steps + 1):
+    o = min(order, k)
+    if lower_order_final and num_steps < 10:
+      o = min(o, num_steps + 1 - k)
+    orders.append(o)
+  return orders
+
+
+def _multistep_update(variant, solver_type, order, x, models, lams, lam_t, log_alpha_t,
+                      sigma_t, log_alpha_s, sigma_s):
+  """One multistep update of order 1, 2 or 3 (`order` may be traced) to λ_t.
+
+  `models` (m_2, m_1, m_0) and `lams` (λ_2, λ_1, λ_0) hold the last three model values and
+  their λ, newest last; s is the time of m_0. With h = λ_t − λ_0, r_0 = (λ_0 − λ_1)/h,
+  r_1 = (λ_1 − λ_2)/h, D1_0 = (m_0 − m_1)/r_0, D1_1 = (m_1 − m_2)/r_1,
+  D1 = D1_0 + r_0/(r_0 + r_1)(D1_0 − D1_1) ≈ h m', D2 = (D1_0 − D1_1)/(r_0 + r_1) ≈ h² m''/2.
+
+  dpmsolver++ (m = x̂_0; Lu et al. 2022b, Eq. 9 and Alg. 2), φ_1 = e^{−h} − 1,
+  φ_2 = φ_1/h + 1, φ_3 = φ_2/h − ½:
+    order 1: x_t = (σ_t/σ_s) x − α_t φ_1 m_0                (DDIM)
+    order 2: x_t = (σ_t/σ_s) x − α_t φ_1 m_0 − ½ α_t φ_1 D1_0   ('taylor': + α_t φ_2 D1_0)
+    order 3: x_t = (σ_t/σ_s) x − α_t φ_1 m_0 + α_t φ_2 D1 − c α_t φ_3 D2
+  dpmsolver (m = ε̂; Lu et al. 2022a, Eq. 3.7), φ_1 = e^{h} − 1, φ_2 = φ_1/h − 1,
+  φ_3 = φ_2/h − ½:
+    order 1: x_t = (α_t/α_s) x − σ_t φ_1 m_0
+    order 2: x_t = (α_t/α_s) x − σ_t φ_1 m_0 − ½ σ_t φ_1 D1_0   ('taylor': − σ_t φ_2 D1_0)
+    order 3: x_t = (α_t/α_s) x − σ_t φ_1 m_0 − σ_t φ_2 D1 − c σ_t φ_3 D2
+
+  c = 1 for solver_type 'dpmsolver' (Lu et al.'s reference code, also diffusers' 3M) and
+  c = 2 for 'taylor'. The exponential integral of the quadratic Taylor polynomial of m in λ
+  gives −α_t φ_3 h² m'' = −2 α_t φ_3 D2, so only c = 2 makes the order-3 update exact for a
+  quadratic m and third-order consistent; c = 1 leaves an O(h³) local error
+  (tests/samplers_test.py checks both). Computed as base + a D1_0 + b D1_1 with scalars a, b
+  chosen by `order`, one code path for all orders inside the scan.
+  """
+  m2, m1, m0 = models[0], models[1], models[2]
+  lam2, lam1, lam0 = lams[0], lams[1], lams[2]
+  h = lam_t - lam0
+  if variant == "dpmsolver++":
+    scale, sign = jnp.exp(log_alpha_t), 1.0
+    phi_1 = jnp.expm1(-h)
+    phi_2 = phi_1 / h + 1.0
+    base = _bcast(sigma_t / sigma_s, x) * x - _bcast(scale * phi_1, x) * m0
+  else:
+    scale, sign = sigma_t, -1.0
+    phi_1 = jnp.expm1(h)
+    phi_2 = phi_1 / h - 1.0
+    base = _bcast(jnp.exp(log_alpha_t - log_alpha_s), x) * x - _bcast(scale * phi_1, x) * m0
+  phi_3 = phi_2 / h - 0.5
+  c = 2.0 if solver_type == "taylor" else 1.0
+  r0 = jnp.where(order >= 2, (lam0 - lam1) / h, 1.0)  # unused slots get a harmless 1
+  r1 = jnp.where(order >= 3, (lam1 - lam2) / h, 1.0)
+  w = r0 / (r0 + r1)
+  a2 = sign * scale * phi_2 if solver_type == "taylor" else -0.5 * scale * phi_1
+  a3 = sign * scale * phi_2 * (1.0 + w) - c * scale * phi_3 / (r0 + r1)
+  b3 = -sign * scale * phi_2 * w + c * scale * phi_3 / (r0 + r1)
+  a = jnp.where(order == 1, 0.0, jnp.where(order == 2, a2, a3))
+  b = jnp.where(order == 3, b3, 0.0)
+  return base + _bcast(a / r0, x) * (m0 - m1) + _bcast(b / r1, x) * (m1 - m2)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("view", "num_steps", "orders", "variant", "solver_type",
+                              "skip_type", "denoise_to_zero"))
+def _dpm_solver_loop(eps_fn, x, view, num_steps, orders, variant, solver_type, skip_type,
+                     denoise_to_zero, start_index, end_index):
+  ts = dpm_solver_times(view, num_steps, time_of_index(view, start_index),
+                        time_of_index(view, end_index), skip_type)
+  log_alpha, sigma = log_alpha_std(view, ts)
+  lam = log_alpha - jnp.log(sigma)
+
+  def model(x, k):
+    eps = _call_eps(eps_fn, x, index_of_time(view, ts[k]))
+    if variant == "dpmsolver++":
+      return (x - _bcast(sigma[k], x) * eps) * _bcast(jnp.exp(-log_alpha[k]), x)
+    return eps
+
+  def update(x, models, lams, k, order):
+    return _multistep_update(variant, solver_type, order, x, models, lams, lam[k],
+                             log_alpha[k], sigma[k], log_alpha[k - 1], sigma[k - 1])
+
+  m = model(x, 0)
+  models = jnp.stack([m, m, m])  # newest last; unused slots are never read
+  lams = jnp.stack([lam[0], lam[0], lam[0]])
+  nfe = jnp.ones((), jnp.int32)
+  order_array = jnp.asarray(orders, jnp.int32)
+
+  def step(carry, k):
+    x, models, lams, nfe = carry
+    x = update(x, models, lams, k, order_array[k - 1])
+    m = model(x, k)
+    models = jnp.concatenate([models[1:], m[None]])
+    lams = jnp.concatenate([lams[1:], lam[k][None]])
+    return (x, models, lams, nfe + 1), None
+
+  if num_steps > 1:
+    (x, models, lams, nfe), _ = jax.lax.scan(
+        step, (x, models, lams, nfe), jnp.arange(1, num_steps))
+  x = update(x, models, lams, num_steps, orders[-1])  # no model call after the last step
+  if denoise_to_zero:  # x̂_0 = (x − σ ε̂)/α at the end time
+    eps = _call_eps(eps_fn, x, index_of_time(view, ts[-1]))
+    x = (x - _bcast(sigma[-1], x) * eps) * _bcast(jnp.exp(-log_alpha[-1]), x)
+    nfe = nfe + 1
+  return x, nfe
+
+
+def dpm_solver(
+    eps_fn: EpsFn,
+    schedule: sde.DiscreteSchedule | NoiseSchedule,
+    x_start: Array,
+    num_steps: int,
+    order: int = 3,
+    variant: str = "dpmsolver++",
+    start_index: float | None = None,
+    end_index: float = 0.0,
+    skip_type: str = "logSNR",
+    lower_order_final: bool = True,
+    denoise_to_zero: bool = False,
+    solver_type: str = "dpmsolver",
+) -> SampleResult:
+  """Multistep DPM-Solver(++) of order 1–3 from step `start_index` to `end_index`.
+
+  Solves the PF-ODE written in λ = log(α/σ) (Lu et al. 2022a, Eq. 3.4; 2022b, Eq. 9),
+  e.g. for data prediction x_t = (σ_t/σ_s) x_s + σ_t ∫ e^{λ} x̂_0(x_λ, λ) dλ, with the
+  integrand replaced by its Taylor/divided-difference expansion through the last `order`
+  model values (`_multistep_update`). Times t_0 = t(start_index) > … > t_S = t(end_index)
+  are uniform in λ ('logSNR', default) or in t; the view interpolates log α of the discrete
+  schedule (NoiseScheduleVP 'discrete'), and the network is called at index t·N − 1.
+  Warm-up with lower orders and lower-order final steps as in `dpm_solver_orders`.
+  `solver_type` 'dpmsolver' (default) is Lu et al.'s reference code; 'taylor' uses the
+  exact Taylor coefficients, which makes order 3 third-order consistent (see
+  `_multistep_update`: the reference 3M update halves the D2 term).
+  The output is x at `end_index` (t = 1/N by default, Lu et al.'s t_ε for discrete models);
+  `denoise_to_zero` adds one network call for x̂_0 there. NFE = num_steps (+1).
+  """
+  _check_steps(num_steps)
+  if order not in (1, 2, 3):
+    raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order!r}.")
+  if variant not in ("dpmsolver++", "dpmsolver"):
+    raise ValueError(f"variant must be 'dpmsolver++' or 'dpmsolver', got {variant!r}.")
+  if skip_type not in ("logSNR", "time_uniform"):
+    raise ValueError(f"skip_type must be 'logSNR' or 'time_uniform', got {skip_type!r}.")
+  if solver_type not in ("dpmsolver", "taylor"):
+    raise ValueError(f"solver_type must be 'dpmsolver' or 'taylor', got {solver_type!r}.")
+  view = noise_schedule(schedule)
+  start_index = _default_start(view, start_index)
+  orders = tuple(dpm_solver_orders(num_steps, order, lower_order_final))
+  x, nfe = _dpm_solver_loop(_as_pytree(eps_fn), x_start, view, num_steps, orders, variant,
+                            solver_type, skip_type, bool(denoise_to_zero), start_index,
+                            end_index)
+  return _finish(x, nfe)
+
+
+# ----------------------------------------------------------------------------------------
+# The probability-flow ODE with diffrax (adaptive steps on the whole batch).
+# ----------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("view", "options", "denoise_to_zero"))
+def _pf_ode_solve(eps_fn, x, view, options, denoise_to_zero, start_index, end_index):
+  # Solve in x's precision (diffrax would promote float32 states to a float64 time's dtype).
+  lam_start = half_log_snr(view, time_of_index(view, start_index)).astype(x.dtype)
+  lam_end = half_log_snr(view, time_of_index(view, end_index)).astype(x.dtype)
+
+  def vector_field(lam, x, args):
+    del args
+    t = time_of_half_log_snr(view, lam)
+    sigma2 = jax.nn.sigmoid(-2.0 * lam)  # σ² = 1/(1 + e^{2λ})
+    eps = _call_eps(eps_fn, x, index_of_time(view, t))
+    return _bcast(sigma2, x) * x - _bcast(jnp.sqrt(sigma2), x) * eps
+
+  sol = diffrax.diffeqsolve(
+      diffrax.ODETerm(vector_field),
+      flow.solver_class(options.solver)(),
+      t0=lam_start,
+      t1=lam_end,
+      dt0=None,
+      y0=x,
+      stepsize_controller=diffrax.PIDController(rtol=options.rtol, atol=options.atol),
+      saveat=diffrax.SaveAt(t1=True),
+      max_steps=options.max_steps,
+      throw=False,
+  )
+  x = sol.ys[-1].astype(x.dtype)
+  nfe = flow.nfe_from_steps(options.solver, sol.stats["num_steps"]).astype(jnp.int32)
+  ok = sol.result == diffrax.RESULTS.successful
+  if denoise_to_zero:
+    t_end = time_of_index(view, end_index)
+    log_alpha, sigma = log_alpha_std(view, t_end)
+    eps = _call_eps(eps_fn, x, end_index)
+    x = (x - _bcast(sigma, x) * eps) * _bcast(jnp.exp(-log_alpha), x)
+    nfe = nfe + 1
+  return x, nfe, ok
+
+
+def pf_ode(
+    eps_fn: EpsFn,
+    schedule: sde.DiscreteSchedule | NoiseSchedule,
+    x_start: Array,
+    options: flow.SolverOptions = flow.SolverOptions(rtol=1e-5, atol=1e-5),
+    start_index: float | None = None,
+    end_index: float = 0.0,
+    denoise_to_zero: bool = False,
+) -> SampleResult:
+  """The probability-flow ODE (Eq. 6) from step `start_index` (default N − 1) to `end_index`.
+
+  Written in λ = log(α/σ), where it is smooth for a smooth ε̂ (no kinks from the piecewise
+  constant β of the discrete view):
+
+      dx/dλ = σ² x − σ ε̂(x, t(λ)),   σ² = 1/(1 + e^{2λ}),
+
+  which is −½β(t)[x + ∇ log p_t(x)] dt/dλ with ε̂ = −σ ∇ log p_t. One diffrax solve for the
+  whole batch (one shared adaptive step sequence, error in diffrax's RMS norm over all
+  entries); start_index > end_index decodes, start_index < end_index encodes. NFE from
+  diffrax's step count (accepted + rejected, `flow.nfe_from_steps`); `denoise_to_zero` adds
+  one call for x̂_0 at end_index. A solve that exhausts `options.max_steps` raises ValueError
+  (or gives NaN under an outer jit).
+  """
+  view = noise_schedule(schedule)
+  start_index = _default_start(view, start_index)
+  x, nfe, ok = _pf_ode_solve(_as_pytree(eps_fn), x_start, view, options, bool(denoise_to_zero),
+                             start_index, end_index)
+  if isinstance(ok, jax.core.Tracer):
+    return SampleResult(jnp.where(ok, x, jnp.nan), nfe)
+  if not bool(ok):
+    raise ValueError(
+        f"The PF-ODE solve did not finish within max_steps={options.max_steps} steps "
+        f"(rtol={options.rtol}, atol={options.atol}); raise max_steps or loosen the tolerances.")
+  return _finish(x, nfe)
+
+
+def ode_encode(
+    eps_fn: EpsFn,
+    schedule: sde.DiscreteSchedule | NoiseSchedule,
+    x0: Array,
+    options: flow.SolverOptions = flow.SolverOptions(rtol=1e-5, atol=1e-5),
+    start_index: float = 0.0,
+    end_index: float | None = None,
+) -> SampleResult:
+  """The ODE encoder: image ↦ latent along the PF-ODE from step 0 (t = 1/N) to N − 1 (t = 1).
+
+  The image is taken as the state at `start_index` (the network is not defined below step 0,
+  and ε̂/σ is 0/0 at t = 0); `pf_ode(latent, start_index=end_index, end_index=start_index)`
+  is the matching decoder.
+  """
+  view = noise_schedule(schedule)
+  end_index = view.num_steps - 1 if end_index is None else end_index
+  return pf_ode(eps_fn, view, x0, options, start_index=start_index, end_index=end_index)
+
+
+# ----------------------------------------------------------------------------------------
+# Round trips and a dispatcher.
+# ----------------------------------------------------------------------------------------
+
+
+def round_trip_error(x: Array, x_reconstructed: Array) -> Array:
+  """Per-sample RMS error √(mean over non-batch axes of (x − x_rec)²), shape (B,)."""
+  diff = (x - x_reconstructed).reshape(x.shape[0], -1)
+  return jnp.sqrt(jnp.mean(diff**2, axis=-1))
+
+
+class RoundTrip(NamedTuple):
+  """latent = encode(x), reconstruction = decode(latent), per-sample RMS error, NFE of both."""
+
+  latent: Array
+  reconstruction: Array
+  error: Array
+  nfe: Any
+
+
+def round_trip(
+    eps_fn: EpsFn,
+    schedule: sde.DiscreteSchedule | NoiseSchedule,
+    x0: Array,
+    method: str = "ddim",
+    num_steps: int = 100,
+    options: flow.SolverOptions = flow.SolverOptions(rtol=1e-5, atol=1e-5),
+) -> RoundTrip:
+  """Encodes and decodes x0: 'ddim' (ddim_invert then ddim, `num_steps` each, the decoder's
+  last step predicting x_0) or 'ode' (ode_encode then pf_ode back to step 0)."""
+  view = noise_schedule(schedule)
+  if method == "ddim":
+    enc = ddim_invert(eps_fn, view, x0, num_steps)
+    dec = ddim(eps_fn, view, enc.x, num_steps)
+  elif method == "ode":
+    enc = ode_encode(eps_fn, view, x0, options)
+    dec = pf_ode(eps_fn, view, enc.x, options, end_index=0.0)
+  else:
+    raise ValueError(f"round_trip method must be 'ddim' or 'ode', got {method!r}.")
+  return RoundTrip(enc.x, dec.x, round_trip_error(x0, dec.x), enc.nfe + dec.nfe)
+
+
+SAMPLERS = ("ddpm", "ddim", "dpm_solver", "pf_ode")
+
+
+def sample(
+    method: str,
+    eps_fn: EpsFn,
+    schedule: sde.DiscreteSchedule | NoiseSchedule,
+    x_start: Array,
+    *,
+    key: Array | None = None,
+    num_steps: int | None = None,
+    start_index: float | None = None,
+    options: flow.SolverOptions | None = None,
+    **kwargs,
+) -> SampleResult:
+  """Runs the sampler named `method` (one of SAMPLERS) from x at step `start_index`.
+
+  'ddpm' runs every step from start_index (num_steps must be None or start_index + 1);
+  'ddim' and 'dpm_solver' use num_steps network calls; 'pf_ode' is adaptive (options).
+  Extra keyword arguments go to the sampler (eta, order, variant, ...).
+  """
+  view = noise_schedule(schedule)
+  start = _default_start(view, start_index)
+  if method == "ddpm":
+    if key is None:
+      raise ValueError("The 'ddpm' sampler draws noise: pass key=jax.random.key(...).")
+    if num_steps is not None and num_steps != int(start) + 1:
+      raise ValueError(
+          f"'ddpm' runs all {int(start) + 1} steps from start_index={start}; got num_steps="
+          f"{num_steps}. Use 'ddim' or 'dpm_solver' for fewer steps.")
+    return ddpm_ancestral(eps_fn, view, x_start, key, int(start), **kwargs)
+  if method in ("ddim", "dpm_solver"):
+    if num_steps is None:
+      raise ValueError(f"The {method!r} sampler needs num_steps.")
+    if method == "ddim":
+      return ddim(eps_fn, view, x_start, num_steps, key=key, start_index=start, **kwargs)
+    return dpm_solver(eps_fn, view, x_start, num_steps, start_index=start, **kwargs)
+  if method == "pf_ode":
+    options = flow.SolverOptions(rtol=1e-5, atol=1e-5) if options is None else options
+    return pf_ode(eps_fn, view, x_start, options, start_index=start, **kwargs)
+  raise ValueError(f"Unknown sampler {method!r}; choose one of {SAMPLERS}.")
