@@ -1,0 +1,124 @@
+"""Experiment `train_ddpm`: train a DDPM, sample from its EMA parameters, evaluate.
+
+Configs: configs/digits_ddpm.py (CPU, minutes) and configs/cifar10_ddpm.py (the DDPM paper's
+CIFAR-10 setup). Stages:
+
+0. With `training.distributed`, join the multi-host run (`jax.distributed.initialize`).
+1. Data: `data.load_dataset(data.name, 'train', data.root, data.resolution)`.
+2. Model: `unet_from_config(config.model)`, or the architecture and weights of a diffusers
+   UNet2DModel when `training.init_from_diffusers` names one (fine-tuning the published
+   google/ddpm-cifar10-32 model instead of training for days).
+3. Training with `ddpm_training.train_ddpm` (resumes from <workdir>/checkpoints).
+4. `sampling.num_samples` samples with `sampling.sampler` (DDIM by default) from the EMA
+   parameters; grid <workdir>/samples.png and <workdir>/samples.npz.
+5. With `evaluate.classifier` (digits): a classifier trained on the training split scores
+   the samples. recognized_fraction = share of samples whose top class probability is
+   ≥ `evaluate.threshold`; classifier_accuracy = its accuracy on the held-out split.
+
+Results: params, train_steps, train_steps_this_run, train_seconds, images_per_second
+(training), final_loss, num_devices, num_samples, sampling_nfe, sample_seconds,
+samples_per_second (after the first, compiling, chunk), seconds; with the classifier also
+recognized_fraction, recognized_fraction_heldout (the data's own value) and
+classifier_accuracy. A checkpoint in <workdir>/checkpoints takes precedence over
+init_from_diffusers (a restarted fine-tuning run resumes).
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from ddpm_ot_jax import data
+from ddpm_ot_jax import train
+from ddpm_ot_jax.experiments import common
+from ddpm_ot_jax.experiments import ddpm_training
+
+
+def _load_model(config: ml_collections.ConfigDict):
+  """(model, init_params): from config.model, or from diffusers weights when configured."""
+  path = config.training.get("init_from_diffusers", "")
+  if not path:
+    return None, None
+  from ddpm_ot_jax.models import diffusers_import  # pylint: disable=g-import-not-at-top
+
+  model, params = diffusers_import.load_diffusers_unet(os.path.expanduser(path))
+  if "dropout" in config.model:
+    model = model.clone(dropout=config.model.dropout)
+  logging.info("Starting from the diffusers weights in %s (architecture from its config.json; "
+               "config.model is ignored except dropout).", path)
+  return model, params
+
+
+def _evaluate_with_classifier(config: ml_collections.ConfigDict, train_set: data.ImageDataset,
+                              samples: np.ndarray) -> dict[str, float]:
+  from ddpm_ot_jax import classifier  # pylint: disable=g-import-not-at-top
+  from ddpm_ot_jax import metrics  # pylint: disable=g-import-not-at-top
+
+  heldout = _load(config, config.evaluate.heldout_split)
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 100)
+  params = classifier.train_classifier(key, train_set.images, train_set.labels,
+                                       num_classes=train_set.num_classes,
+                                       num_steps=config.evaluate.classifier_steps)
+  heldout_probs = np.asarray(classifier.predict_probs(params, heldout.images))
+  accuracy = classifier.accuracy(params, heldout.images, heldout.labels)
+  sample_probs = np.asarray(classifier.predict_probs(params, samples))
+  return {
+      "classifier_accuracy": accuracy,
+      "recognized_fraction": float(metrics.recognized_fraction(
+          sample_probs, threshold=config.evaluate.threshold)),
+      "recognized_fraction_heldout": float(metrics.recognized_fraction(
+          heldout_probs, threshold=config.evaluate.threshold)),
+  }
+
+
+def _load(config: ml_collections.ConfigDict, split: str) -> data.ImageDataset:
+  root = os.path.expanduser(config.data.get("root") or "") or None
+  return data.load_dataset(config.data.name, split, root, config.data.get("resolution") or None)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains, samples and evaluates; returns the flat results dict (see the module docstring)."""
+  if config.training.get("distributed", False):
+    train.initialize_distributed()  # before anything asks jax for its devices
+  stopwatch = common.Stopwatch()
+  dataset = _load(config, "train")
+  logging.info("Loaded %s: %d training images of shape %s.", config.data.name, len(dataset),
+               dataset.image_shape)
+  model, init_params = _load_model(config)
+  result = ddpm_training.train_ddpm(config, workdir, dataset, model=model,
+                                    init_params=init_params)
+  logging.info("Trained %d steps in %.1f s (%.1f images/s); final loss %.5f.",
+               result.steps_run, result.train_seconds, result.images_per_second,
+               result.final_loss)
+
+  sc = config.sampling
+  sample_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), ddpm_training.SAMPLE_STREAM)
+  samples = ddpm_training.sample_images(
+      result.model, result.state.ema_params, result.schedule, sample_key, sc.num_samples,
+      dataset.image_shape, sc.sampler, sc.num_steps, sc.eta, sc.batch_size, result.mesh)
+  nfe = samples.nfe
+  title = f"{config.data.name}: {sc.sampler}, {nfe} NFE, step {int(result.state.step)}"
+  ddpm_training.save_image_grid(samples.images[:sc.grid_size], os.path.join(workdir, "samples.png"),
+                                title)
+  common.save_npz(os.path.join(workdir, "samples.npz"), samples=samples.images)
+
+  results = {
+      "params": result.num_params,
+      "train_steps": int(jax.device_get(result.state.step)),
+      "train_steps_this_run": result.steps_run,
+      "train_seconds": result.train_seconds,
+      "images_per_second": result.images_per_second,
+      "final_loss": result.final_loss,
+      "num_devices": int(result.mesh.devices.size),
+      "num_samples": int(sc.num_samples),
+      "sampling_nfe": nfe,
+      "sample_seconds": samples.seconds,
+      "samples_per_second": samples.images_per_second,
+  }
+  if config.evaluate.classifier:
+    results.update(_evaluate_with_classifier(config, dataset, samples.images))
+  results["seconds"] = stopwatch.seconds()  # this run: data, training, sampling, evaluation
+  return results
