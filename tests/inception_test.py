@@ -1,0 +1,370 @@
+"""Tests for models/inception.py: reading pytorch-fid state_dict files and the FID network.
+
+A tiny random network (width 1/16, input resized to 75) with the real key names is written in
+the torch.save format, loaded, and compared against a PyTorch reference written here from
+pytorch-fid's block definitions (skipped where torch is not installed).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import sys
+import tempfile
+import types
+import zipfile
+
+from absl.testing import absltest
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+from ddpm_ot_jax import metrics
+from ddpm_ot_jax.models import inception
+
+try:
+  import torch
+  import torch.nn.functional as F
+except ImportError:  # pragma: no cover - torch is optional
+  torch = None
+
+WIDTH = 1 / 16
+RESIZE = 75
+
+
+def _random_state_dict(seed: int) -> dict[str, np.ndarray]:
+  """Random weights with pytorch-fid's key names and shapes (plus fc and num_batches_tracked)."""
+  model = inception.InceptionV3(width=WIDTH, resize=RESIZE)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, RESIZE, RESIZE, 3)))
+  rng = np.random.default_rng(seed)
+  variables = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), dict(shapes))
+  state = inception.variables_to_state_dict(variables)
+  out = collections.OrderedDict()
+  for key, value in state.items():
+    if key.endswith("conv.weight"):
+      fan_in = np.prod(value.shape[1:])
+      out[key] = (rng.standard_normal(value.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+    elif key.endswith("running_var"):
+      out[key] = rng.uniform(0.5, 1.5, value.shape).astype(np.float32)
+    elif key.endswith("bn.weight"):
+      out[key] = rng.uniform(0.8, 1.2, value.shape).astype(np.float32)
+    else:
+      out[key] = (0.1 * rng.standard_normal(value.shape)).astype(np.float32)
+    if key.endswith("running_var"):
+      out[key[: -len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
+  out["fc.weight"] = rng.standard_normal((1008, round(2048 * WIDTH))).astype(np.float32)
+  out["fc.bias"] = np.zeros((1008,), np.float32)
+  return out
+
+
+def _write_zip_without_torch(path: str, state: dict[str, np.ndarray]) -> None:
+  """torch.save's zip layout, pickled through stand-in torch modules (torch not installed)."""
+  fake_torch = types.ModuleType("torch")
+  fake_utils = types.ModuleType("torch._utils")
+  storage_types = {np.dtype(np.float32): "FloatStorage", np.dtype(np.int64): "LongStorage"}
+  for name in storage_types.values():
+    setattr(fake_torch, name, type(name, (), {"__module__": "torch"}))
+
+  def _rebuild_tensor_v2(*args):
+    raise AssertionError("only for pickling")
+  _rebuild_tensor_v2.__module__ = "torch._utils"
+  _rebuild_tensor_v2.__qualname__ = "_rebuild_tensor_v2"
+  fake_utils._rebuild_tensor_v2 = _rebuild_tensor_v2
+  fake_torch._utils = fake_utils
+
+  class Tensor:
+    def __init__(self, key, array):
+      self.key, self.array = key, array
+
+    def __reduce__(self):
+      stride = tuple(s // self.array.itemsize for s in self.array.strides)
+      storage = _Storage(self.key, self.array)
+      return (_rebuild_tensor_v2, (storage, 0, self.array.shape, stride, False,
+                                   collections.OrderedDict()))
+
+  class _Storage:
+    def __init__(self, key, array):
+      self.key, self.array = key, array
+
+  class Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+      if isinstance(obj, _Storage):
+        cls = getattr(fake_torch, storage_types[obj.array.dtype])
+        return ("storage", cls, obj.key, "cpu", obj.array.size)
+      return None
+
+  saved = {name: sys.modules.get(name) for name in ("torch", "torch._utils")}
+  sys.modules["torch"], sys.modules["torch._utils"] = fake_torch, fake_utils
+  try:
+    import io
+    buf = io.BytesIO()
+    tensors = collections.OrderedDict(
+        (k, Tensor(str(i), np.array(v, order="C"))) for i, (k, v) in enumerate(state.items()))
+    Pickler(buf, protocol=2).dump(tensors)
+  finally:
+    for name, module in saved.items():
+      if module is None:
+        sys.modules.pop(name, None)
+      else:
+        sys.modules[name] = module
+  with zipfile.ZipFile(path, "w") as archive:
+    archive.writestr("archive/data.pkl", buf.getvalue())
+    archive.writestr("archive/byteorder", "little")
+    archive.writestr("archive/version", "3\n")
+    for tensor in tensors.values():
+      archive.writestr(f"archive/data/{tensor.key}", tensor.array.tobytes())
+
+
+def _write_state_dict(path: str, state: dict[str, np.ndarray], legacy: bool = False) -> None:
+  if torch is not None:
+    tensors = collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state.items())
+    torch.save(tensors, path, _use_new_zipfile_serialization=not legacy)
+  else:
+    _write_zip_without_torch(path, state)
+
+
+if torch is not None:
+
+  class _Conv(torch.nn.Module):
+    """pytorch-fid / torchvision BasicConv2d."""
+
+    def __init__(self, cin, cout, **kw):
+      super().__init__()
+      self.conv = torch.nn.Conv2d(cin, cout, bias=False, **kw)
+      self.bn = torch.nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+      return F.relu(self.bn(self.conv(x)))
+
+  def _avg(x):
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+  class _A(torch.nn.Module):
+    def __init__(self, cin, pool, c):
+      super().__init__()
+      self.branch1x1 = _Conv(cin, c(64), kernel_size=1)
+      self.branch5x5_1 = _Conv(cin, c(48), kernel_size=1)
+      self.branch5x5_2 = _Conv(c(48), c(64), kernel_size=5, padding=2)
+      self.branch3x3dbl_1 = _Conv(cin, c(64), kernel_size=1)
+      self.branch3x3dbl_2 = _Conv(c(64), c(96), kernel_size=3, padding=1)
+      self.branch3x3dbl_3 = _Conv(c(96), c(96), kernel_size=3, padding=1)
+      self.branch_pool = _Conv(cin, c(pool), kernel_size=1)
+      self.out = c(64) * 2 + c(96) + c(pool)
+
+    def forward(self, x):
+      return torch.cat([
+          self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+          self.branch_pool(_avg(x))], 1)
+
+  class _B(torch.nn.Module):
+    def __init__(self, cin, c):
+      super().__init__()
+      self.branch3x3 = _Conv(cin, c(384), kernel_size=3, stride=2)
+      self.branch3x3dbl_1 = _Conv(cin, c(64), kernel_size=1)
+      self.branch3x3dbl_2 = _Conv(c(64), c(96), kernel_size=3, padding=1)
+      self.branch3x3dbl_3 = _Conv(c(96), c(96), kernel_size=3, stride=2)
+      self.out = c(384) + c(96) + cin
+
+    def forward(self, x):
+      return torch.cat([
+          self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+          F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+
+  class _C(torch.nn.Module):
+    def __init__(self, cin, c7, c):
+      super().__init__()
+      self.branch1x1 = _Conv(cin, c(192), kernel_size=1)
+      self.branch7x7_1 = _Conv(cin, c7, kernel_size=1)
+      self.branch7x7_2 = _Conv(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+      self.branch7x7_3 = _Conv(c7, c(192), kernel_size=(7, 1), padding=(3, 0))
+      self.branch7x7dbl_1 = _Conv(cin, c7, kernel_size=1)
+      self.branch7x7dbl_2 = _Conv(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+      self.branch7x7dbl_3 = _Conv(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+      self.branch7x7dbl_4 = _Conv(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+      self.branch7x7dbl_5 = _Conv(c7, c(192), kernel_size=(1, 7), padding=(0, 3))
+      self.branch_pool = _Conv(cin, c(192), kernel_size=1)
+      self.out = 4 * c(192)
+
+    def forward(self, x):
+      b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+      bd = self.branch7x7dbl_1(x)
+      for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                    self.branch7x7dbl_5):
+        bd = layer(bd)
+      return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(_avg(x))], 1)
+
+  class _D(torch.nn.Module):
+    def __init__(self, cin, c):
+      super().__init__()
+      self.branch3x3_1 = _Conv(cin, c(192), kernel_size=1)
+      self.branch3x3_2 = _Conv(c(192), c(320), kernel_size=3, stride=2)
+      self.branch7x7x3_1 = _Conv(cin, c(192), kernel_size=1)
+      self.branch7x7x3_2 = _Conv(c(192), c(192), kernel_size=(1, 7), padding=(0, 3))
+      self.branch7x7x3_3 = _Conv(c(192), c(192), kernel_size=(7, 1), padding=(3, 0))
+      self.branch7x7x3_4 = _Conv(c(192), c(192), kernel_size=3, stride=2)
+      self.out = c(320) + c(192) + cin
+
+    def forward(self, x):
+      b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+      return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7,
+                        F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+
+  class _E(torch.nn.Module):
+    def __init__(self, cin, pool, c):
+      super().__init__()
+      self.pool = pool
+      self.branch1x1 = _Conv(cin, c(320), kernel_size=1)
+      self.branch3x3_1 = _Conv(cin, c(384), kernel_size=1)
+      self.branch3x3_2a = _Conv(c(384), c(384), kernel_size=(1, 3), padding=(0, 1))
+      self.branch3x3_2b = _Conv(c(384), c(384), kernel_size=(3, 1), padding=(1, 0))
+      self.branch3x3dbl_1 = _Conv(cin, c(448), kernel_size=1)
+      self.branch3x3dbl_2 = _Conv(c(448), c(384), kernel_size=3, padding=1)
+      self.branch3x3dbl_3a = _Conv(c(384), c(384), kernel_size=(1, 3), padding=(0, 1))
+      self.branch3x3dbl_3b = _Conv(c(384), c(384), kernel_size=(3, 1), padding=(1, 0))
+      self.branch_pool = _Conv(cin, c(192), kernel_size=1)
+      self.out = c(320) + 4 * c(384) + c(192)
+
+    def forward(self, x):
+      b3 = self.branch3x3_1(x)
+      b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+      bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+      bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
+      if self.pool == "avg":  # FIDInceptionE_1
+        pooled = _avg(x)
+      else:  # FIDInceptionE_2: max pooling
+        pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+      return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(pooled)], 1)
+
+  class _TorchFIDInception(torch.nn.Module):
+    """pytorch-fid's InceptionV3 (output block 3), input in [0, 1], widths scaled."""
+
+    def __init__(self, width, resize):
+      super().__init__()
+      c = lambda n: max(1, int(round(n * width)))
+      self.resize = resize
+      self.Conv2d_1a_3x3 = _Conv(3, c(32), kernel_size=3, stride=2)
+      self.Conv2d_2a_3x3 = _Conv(c(32), c(32), kernel_size=3)
+      self.Conv2d_2b_3x3 = _Conv(c(32), c(64), kernel_size=3, padding=1)
+      self.Conv2d_3b_1x1 = _Conv(c(64), c(80), kernel_size=1)
+      self.Conv2d_4a_3x3 = _Conv(c(80), c(192), kernel_size=3)
+      self.Mixed_5b = _A(c(192), 32, c)
+      self.Mixed_5c = _A(self.Mixed_5b.out, 64, c)
+      self.Mixed_5d = _A(self.Mixed_5c.out, 64, c)
+      self.Mixed_6a = _B(self.Mixed_5d.out, c)
+      self.Mixed_6b = _C(self.Mixed_6a.out, c(128), c)
+      self.Mixed_6c = _C(self.Mixed_6b.out, c(160), c)
+      self.Mixed_6d = _C(self.Mixed_6c.out, c(160), c)
+      self.Mixed_6e = _C(self.Mixed_6d.out, c(192), c)
+      self.Mixed_7a = _D(self.Mixed_6e.out, c)
+      self.Mixed_7b = _E(self.Mixed_7a.out, "avg", c)
+      self.Mixed_7c = _E(self.Mixed_7b.out, "max", c)
+      self.fc = torch.nn.Linear(self.Mixed_7c.out, 1008)
+
+    def forward(self, x):
+      x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False)
+      x = 2 * x - 1
+      x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+      x = F.max_pool2d(x, kernel_size=3, stride=2)
+      x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
+      x = F.max_pool2d(x, kernel_size=3, stride=2)
+      for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c",
+                   "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"):
+        x = getattr(self, name)(x)
+      return F.adaptive_avg_pool2d(x, (1, 1)).flatten(1)
+
+
+class InceptionTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.mkdtemp()
+    cls.state = _random_state_dict(seed=0)
+    cls.path = os.path.join(cls.tmp, inception.FID_WEIGHTS_FILENAME)
+    _write_state_dict(cls.path, cls.state)
+    cls.model, cls.variables = inception.load_pytorch_fid_weights(cls.path, width=WIDTH,
+                                                                  resize=RESIZE)
+    cls.feature_fn = staticmethod(inception.make_feature_fn(cls.model, cls.variables))
+    rng = np.random.default_rng(1)
+    cls.images = rng.uniform(-1, 1, (24, 32, 32, 3)).astype(np.float32)
+    cls.features = inception.extract_features(cls.feature_fn, cls.images, batch_size=16)
+
+  def test_reader_round_trips_every_tensor(self):
+    """The pickle reader (no torch) returns every array of the file bit-exactly."""
+    state = inception.read_torch_state_dict(self.path)
+    self.assertEqual(list(state), list(self.state))
+    for key, value in self.state.items():
+      np.testing.assert_array_equal(state[key], value, err_msg=key)
+
+  def test_reader_without_torch_writer(self):
+    """A zip file pickled through stand-in torch modules (no torch at all) reads back exactly."""
+    path = os.path.join(self.tmp, "no_torch.pth")
+    _write_zip_without_torch(path, self.state)
+    state = inception.read_torch_state_dict(path)
+    for key, value in self.state.items():
+      self.assertEqual(state[key].shape, value.shape)
+      np.testing.assert_array_equal(state[key], value, err_msg=key)
+
+  def test_legacy_format_reads_the_same(self):
+    """A file saved in torch's legacy (pre-zip) format gives the same arrays."""
+    if torch is None:
+      self.skipTest("torch not installed")
+    path = os.path.join(self.tmp, "legacy.pth")
+    _write_state_dict(path, self.state, legacy=True)
+    self.assertFalse(zipfile.is_zipfile(path))
+    state = inception.read_torch_state_dict(path)
+    for key, value in self.state.items():
+      np.testing.assert_array_equal(state[key], value, err_msg=key)
+
+  def test_matches_torch_reference_forward(self):
+    """Flax pool3 features equal a PyTorch pytorch-fid-style forward of the same weights."""
+    if torch is None:
+      self.skipTest("torch not installed")
+    ref = _TorchFIDInception(WIDTH, RESIZE).eval()
+    ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in self.state.items()},
+                        strict=True)
+    with torch.no_grad():  # pytorch-fid input: NCHW in [0, 1]
+      x = torch.from_numpy((self.images.transpose(0, 3, 1, 2) + 1) / 2)
+      expected = ref(x).numpy()
+    self.assertEqual(self.features.shape, expected.shape)
+    np.testing.assert_allclose(self.features, expected, rtol=1e-4,
+                               atol=1e-4 * np.abs(expected).max())
+
+  def test_fid_of_a_set_with_itself_is_zero(self):
+    """FID(X, X) = 0 up to sqrtm round-off."""
+    self.assertAlmostEqual(metrics.fid_from_features(self.features, self.features), 0.0, places=4)
+
+  def test_fid_is_symmetric_and_positive(self):
+    """FID(X, Y) = FID(Y, X) > 0 for two different image sets."""
+    other = inception.extract_features(self.feature_fn, np.clip(self.images[::-1] * 0.5 + 0.3,
+                                                                -1, 1), batch_size=16)
+    a = metrics.fid_from_features(self.features, other)
+    b = metrics.fid_from_features(other, self.features)
+    self.assertGreater(a, 0.0)
+    self.assertAlmostEqual(a, b, delta=1e-6 * max(1.0, a))
+
+  def test_grayscale_is_repeated_to_rgb(self):
+    """One channel gives the same features as that channel repeated three times."""
+    gray = self.images[:16, :, :, :1]
+    np.testing.assert_allclose(self.feature_fn(jnp.asarray(gray)),
+                               self.feature_fn(jnp.asarray(np.repeat(gray, 3, axis=-1))),
+                               rtol=1e-6, atol=1e-6)
+
+  def test_missing_file_says_where_it_looked_and_where_to_get_it(self):
+    """FileNotFoundError names the searched path and the download URL."""
+    missing = os.path.join(self.tmp, "nope", inception.FID_WEIGHTS_FILENAME)
+    with self.assertRaises(FileNotFoundError) as ctx:
+      inception.load_pytorch_fid_weights(missing)
+    self.assertIn(missing, str(ctx.exception))
+    self.assertIn(inception.FID_WEIGHTS_URL, str(ctx.exception))
+
+  def test_wrong_network_is_rejected(self):
+    """A state_dict of another width fails with ValueError, not a shape error deep in apply."""
+    with self.assertRaises(ValueError):
+      inception.load_pytorch_fid_weights(self.path, width=1 / 8, resize=RESIZE)
+
+
+if __name__ == "__main__":
+  absltest.main()

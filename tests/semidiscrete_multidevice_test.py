@@ -1,0 +1,68 @@
+"""assign_sharded on 4 virtual CPU devices gives the same indices as one device.
+
+XLA_FLAGS must be set before jax starts its backend, and setting it from a test module would
+change the device count of every other test in the pytest process. So unless jax already
+sees 4 devices, the test re-runs this file in a fresh subprocess with the flag set.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from absl.testing import absltest
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ShardedAssignTest(absltest.TestCase):
+
+  def test_sharded_equals_single_device(self):
+    """Targets split over 4 (and 2) devices, N not divisible by 4: same indices as `assign`."""
+    if jax.device_count() < 4:
+      env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                 PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+      proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+      self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+      self.assertIn("OK", proc.stderr)
+      return
+    from ddpm_ot_jax import semidiscrete  # pylint: disable=g-import-not-at-top
+    from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+
+    self.assertEqual(jax.device_count(), 4)
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    y = jax.random.normal(k1, (1003, 16))
+    g = 3.0 * jax.random.normal(k2, (1003,))
+    z = jax.random.normal(k3, (257, 16))
+    expected = np.asarray(semidiscrete.assign(z, y, g, block_size=100))
+    dense = np.argmax(np.asarray(g)[None] - ((np.asarray(z)[:, None] - np.asarray(y)[None]) ** 2
+                                             ).sum(-1), axis=1)
+    np.testing.assert_array_equal(expected, dense)
+
+    sharded = semidiscrete.assign_sharded(z, y, g, block_size=100)
+    np.testing.assert_array_equal(np.asarray(sharded), expected)
+    # Host targets placed per device, a 2-device mesh, another block size.
+    mesh = Mesh(np.array(jax.devices()[:2]), ("targets",))
+    np.testing.assert_array_equal(
+        np.asarray(semidiscrete.assign_sharded(z, np.asarray(y), g, mesh, block_size=64)), expected)
+    # Placed once, reused for two batches; each device holds only its slice of the targets.
+    placed = semidiscrete.shard_targets(y, g)
+    self.assertEqual(placed.targets.addressable_shards[0].data.shape, (251, 16))
+    for batch in (z[:100], z[100:]):
+      np.testing.assert_array_equal(np.asarray(semidiscrete.assign_sharded(batch, placed)),
+                                    dense[:100] if batch.shape[0] == 100 else dense[100:])
+    # Ties (duplicated targets, equal g) resolve to the smallest index across devices too.
+    y_dup = jnp.concatenate([y[:8]] * 4)
+    g_dup = jnp.concatenate([g[:8]] * 4)
+    idx = np.asarray(semidiscrete.assign_sharded(z, y_dup, g_dup, block_size=3))
+    np.testing.assert_array_equal(idx, np.asarray(semidiscrete.assign(z, y_dup, g_dup, 3)))
+    self.assertTrue((idx < 8).all())
+
+
+if __name__ == "__main__":
+  absltest.main()
