@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "optax==0.2.8",
     "diffrax==0.7.2",
     "equinox==0.13.8",
+    "optimistix==0.1.0",  # fokker_planck: the max-norm of its batched step control
     "ott-jax==0.6.0",
     "orbax-checkpoint==0.12.8",
     "absl-py==2.5.1",
@@ -23,6 +24,7 @@ INSTALL_REQUIRES = [
     "POT==0.9.7.post1",
     "matplotlib==3.11.2",
     "scikit-learn==1.9.1",
+    "threadpoolctl==3.8.0",  # fokker_planck pins BLAS to one thread for its many small products
     "pillow==13.0.0",
     "safetensors==0.8.0",
 ]

@@ -96,8 +96,8 @@ def main(argv: list[str]) -> None:
       raise
     _fail(f"unknown experiment {config.experiment!r} in config {config_name}.")
 
-  common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-  logging.info("Running %s (experiment %s) in %s", config_name, config.experiment, workdir)
+  logging.info("Running %s (experiment %s) in %s with config:\n%s", config_name,
+               config.experiment, workdir, config)
   common.set_precision(config.get("x64", False))
   start = time.perf_counter()
   try:
@@ -108,14 +108,20 @@ def main(argv: list[str]) -> None:
     _fail(f"{type(e).__name__}: {e}\n(run with --traceback for the full trace)")
   results = dict(results)
   results.setdefault("seconds_total", time.perf_counter() - start)
+  # Written together at the end, so a failed run never leaves a config.json that does not
+  # belong to the results.json beside it.
+  common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   common.write_json(os.path.join(workdir, "results.json"), results)
   print(f"Wrote {os.path.join(workdir, 'results.json')}")
   for key in sorted(results):
     value = results[key]
-    if isinstance(value, (int, float)):
+    if isinstance(value, bool) or isinstance(value, int):
+      print(f"  {key:40s} {int(value):d}")
+    elif isinstance(value, float):
       print(f"  {key:40s} {value:.6g}")
 
 
 if __name__ == "__main__":
+  os.environ.setdefault("MPLBACKEND", "Agg")  # figures go to files; no display needed
   sys.path.insert(0, _REPO)  # so configs can be loaded from any working directory
   app.run(main, flags_parser=_parse_flags)

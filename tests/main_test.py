@@ -62,6 +62,7 @@ class MainTest(absltest.TestCase):
       self.assertIn("Unknown ODE solver 'euler'", proc.stderr)
       self.assertNotIn("Traceback", proc.stderr)
       self.assertFalse(os.path.exists(os.path.join(workdir, "results.json")))
+      self.assertFalse(os.path.exists(os.path.join(workdir, "config.json")))
 
 
 if __name__ == "__main__":

@@ -39,15 +39,17 @@ def _to_jsonable(value: Any) -> Any:
   if isinstance(value, (np.ndarray, jax.Array)):
     return _to_jsonable(np.asarray(value).tolist())
   if isinstance(value, (np.floating, np.integer, np.bool_)):
-    return value.item()
+    value = value.item()
+  if isinstance(value, float) and not np.isfinite(value):
+    return None  # JSON has no NaN/Inf: an undefined number is null
   return value
 
 
 def write_json(path: str, obj: Any) -> None:
-  """Writes `obj` (numpy/jax values converted) as indented JSON, atomically."""
+  """Writes `obj` (numpy/jax values converted, NaN/Inf as null) as indented JSON, atomically."""
   with atomic_path(path) as tmp:
     with open(tmp, "w") as f:
-      json.dump(_to_jsonable(obj), f, indent=2, sort_keys=True)
+      json.dump(_to_jsonable(obj), f, indent=2, sort_keys=True, allow_nan=False)
       f.write("\n")
 
 
