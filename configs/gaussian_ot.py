@@ -17,7 +17,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eig_min = 0.1  # eigenvalues of Σ0, log-uniform in [eig_min, eig_max]
   config.eig_max = 10.0
   config.schedule = "constant"  # 'constant' (the paper's OU, β = 2), 'linear' or 'cosine'
-  config.t_end = 16.0  # end of the encoder; OU time e^{-16} ≈ 1e-7 from the limit map
+  # End of the encoder as OU time s (Eq. 8), mapped onto the schedule's own clock; e^{-16} ≈ 1e-7
+  # from the limit map. 'linear' ends at s = 5.025 and 'cosine' at s = 4.778: a larger t_end
+  # with those is a ValueError (use 'constant', which reaches any s).
+  config.t_end = 16.0
   config.solver = ml_collections.ConfigDict(
       dict(solver="tsit5", rtol=1e-8, atol=1e-8, max_steps=16384))
   config.figure = True  # the paper's Fig. 1 for a 2-D Gaussian

@@ -19,7 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eig_max = 1.0
   config.sample_sizes = (500, 2500, 5000)  # n of the paper's cost test; 2500 is the paper's
   config.num_jacobian_points = 32
-  config.schedule = "constant"  # the paper's OU (β = 2)
+  config.schedule = "constant"  # the paper's OU (β = 2); or 'linear', 'cosine'
+  # End of the encoder as OU time s (Eq. 8), mapped onto the schedule's clock; 'linear' ends at
+  # s = 5.025 and 'cosine' at s = 4.778 (a larger t_end with those is a ValueError).
   config.t_end = 16.0
   config.solver = ml_collections.ConfigDict(
       dict(solver="tsit5", rtol=1e-8, atol=1e-8, max_steps=16384))

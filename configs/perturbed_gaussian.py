@@ -3,10 +3,12 @@ OT map ∇u, over a sweep of ε that includes ε = 0 (the pipeline's numerical f
 
   python scripts/main.py --config=configs/perturbed_gaussian.py --workdir=runs/perturbed_gaussian
 """
+import ml_collections
+
 from ddpm_ot_jax import config_base
 
 
-def get_config():
+def get_config() -> ml_collections.ConfigDict:
   config = config_base.default_config()
   config.experiment = "perturbed_gaussian"
   config.x64 = True

@@ -4,10 +4,12 @@ t ∈ [0, 8] in 256 steps, 2500 samples, exact OT (POT) against the encoder pair
   python scripts/main.py --config=configs/synthetic_2d.py --workdir=runs/synthetic_2d
   python scripts/main.py --config=configs/synthetic_2d.py --config.num_densities=3
 """
+import ml_collections
+
 from ddpm_ot_jax import config_base
 
 
-def get_config():
+def get_config() -> ml_collections.ConfigDict:
   config = config_base.default_config()
   config.experiment = "synthetic_2d"
   config.x64 = True

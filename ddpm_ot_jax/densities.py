@@ -135,10 +135,10 @@ def mixture_log_density_grid(mixture: QuarticMixture, grid_size: int = 1024, dom
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _grid_summary(mixture: QuarticMixture, fit_log_drop: float, grid_size: int, domain: float):
-  """Mass, mean, covariance and the ∞-norm radius of {log p ≥ max − drop} around the mean."""
+  """(max of log p on the grid's boundary − max log p, mean, covariance, the ∞-norm radius of
+  {log p ≥ max − drop} around the mean), by quadrature on the grid of [−domain, domain]²."""
   log_p = _mixture_log_grid(mixture, grid_size, domain)
   nodes = jnp.linspace(-domain, domain, grid_size)
-  h = nodes[1] - nodes[0]
   w = jnp.exp(log_p - log_p.max())
   total = w.sum()
   x1, x2 = nodes[:, None], nodes[None, :]
@@ -147,7 +147,8 @@ def _grid_summary(mixture: QuarticMixture, fit_log_drop: float, grid_size: int, 
   c11, c12, c22 = (w * d1 * d1).sum() / total, (w * d1 * d2).sum() / total, (w * d2 * d2).sum() / total
   cov = jnp.array([[c11, c12], [c12, c22]])
   far = jnp.where(log_p >= log_p.max() - fit_log_drop, jnp.maximum(jnp.abs(d1), jnp.abs(d2)), 0.0).max()
-  return total * h * h * jnp.exp(log_p.max()), mean, cov, far
+  edge = jnp.max(jnp.stack([log_p[0].max(), log_p[-1].max(), log_p[:, 0].max(), log_p[:, -1].max()]))
+  return edge - log_p.max(), mean, cov, far
 
 
 def grid_moments(log_density: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -180,6 +181,7 @@ def random_quartic_mixture(
     fit_log_drop: float = 80.0,
     grid_size: int = 1024,
     domain: float = 10.0,
+    max_widenings: int = 3,
 ) -> QuarticMixture:
   """A random density of the paper's family, centred and scaled to sit well inside the domain.
 
@@ -188,7 +190,14 @@ def random_quartic_mixture(
   random rotation). The mixture is then centred at its mean and scaled by
   c = min(target_std / σ_max, fit_radius / r), σ_max its largest principal standard deviation
   and r the largest |x|_∞ where log p ≥ max log p − fit_log_drop, so that p < e^{−80} max p
-  outside [−8, 8]² ⊂ [−10, 10]².
+  outside [−8, 8]² ⊂ [−10, 10]² (up to one grid spacing: r is read off the grid).
+
+  The raw draw is not always inside [−domain, domain]² (about 1 in 10 with the defaults has
+  its e^{−80} level set reaching the boundary: a1 is unbounded), so its mean, covariance and r
+  are measured on [−D, D]² with D = domain, doubled (at most `max_widenings` times, same
+  grid_size) until that level set stays inside; the draw itself is never changed, so the
+  family's distribution is the one stated above. The result is checked to be contained in
+  [−domain, domain]² (p < e^{−fit_log_drop} max p on the boundary).
   """
   k_num, k_comp = jax.random.split(key)
   num = int(jax.random.randint(k_num, (), 1, max_components + 1))
@@ -202,12 +211,26 @@ def random_quartic_mixture(
     q1s.append(_random_spd(k_q1, math.log(0.1), math.log(2.0)))
     q2s.append(_random_spd(k_q2, math.log(0.02), math.log(0.5)))
   raw = QuarticMixture(jnp.stack(a1s), jnp.stack(q1s), jnp.stack(a2s), jnp.stack(q2s), jnp.zeros(num))
-  raw = normalize(raw, grid_size, domain)
-  mass, mean, cov, far = _grid_summary(raw, fit_log_drop, grid_size, float(domain))
-  if not 0.999 < float(mass) < 1.001:
-    raise ValueError(f"a raw density is not contained in the domain (mass {float(mass)}); widen `domain`.")
+  measure_domain = float(domain)
+  for _ in range(max_widenings + 1):
+    raw = normalize(raw, grid_size, measure_domain)
+    edge_drop, mean, cov, far = _grid_summary(raw, fit_log_drop, grid_size, measure_domain)
+    if float(edge_drop) < -fit_log_drop:
+      break
+    measure_domain *= 2.0
+  else:
+    raise ValueError(
+        f"a raw density reaches the boundary of [−{measure_domain / 2:g}, {measure_domain / 2:g}]² "
+        f"(e^{{{float(edge_drop):.1f}}} of its maximum there) after {max_widenings} widenings; "
+        "raise max_widenings.")
   scale = min(target_std / math.sqrt(float(np.linalg.eigvalsh(np.asarray(cov)).max())), fit_radius / float(far))
-  return rescale(raw, mean, scale, grid_size, domain)
+  mixture = rescale(raw, mean, scale, grid_size, domain)
+  edge_drop = float(_grid_summary(mixture, fit_log_drop, grid_size, float(domain))[0])
+  if not edge_drop < -fit_log_drop:
+    raise ValueError(
+        f"the scaled density is not contained in [−{domain:g}, {domain:g}]² (e^{{{edge_drop:.1f}}} of its "
+        f"maximum on the boundary); choose fit_radius < domain (got {fit_radius:g}, {domain:g}).")
+  return mixture
 
 
 def rescale(mixture: QuarticMixture, center: Array, scale: float, grid_size: int = 1024,

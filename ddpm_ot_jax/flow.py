@@ -14,7 +14,7 @@ number of function evaluations (NFE).
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import diffrax
 import jax
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from ddpm_ot_jax import sde
 
 Array = jax.Array
+VectorField = Callable[[Array, Array], Array]  # (t, x) -> dx/dt for one point x
 
 # Vector-field evaluations per step of each solver; all but Heun are FSAL, so one extra
 # evaluation starts the solve. Checked by counting calls in tests/flow_test.py.
@@ -70,7 +71,7 @@ def nfe_from_steps(solver: str, num_steps: Array) -> Array:
   return per_step * num_steps + start
 
 
-def _solve_one(vector_field, x, t0, t1, options: SolverOptions, save_ts, adjoint):
+def _solve_one(vector_field: VectorField, x, t0, t1, options: SolverOptions, save_ts, adjoint):
   solver_cls = solver_class(options.solver)
   if save_ts is None:
     saveat = diffrax.SaveAt(t1=True)
@@ -92,7 +93,7 @@ def _solve_one(vector_field, x, t0, t1, options: SolverOptions, save_ts, adjoint
 
 
 def solve(
-    vector_field,
+    vector_field: VectorField,
     x: Array,
     t0: float,
     t1: float,

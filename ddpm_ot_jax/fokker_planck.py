@@ -200,19 +200,19 @@ class SolveInfo:
 # ----------------------------------------------------------------------------------------
 
 
-def time_to_theta(t, time_warp: float):
+def time_to_theta(t: float | np.ndarray | Array, time_warp: float) -> float | np.ndarray | Array:
   """θ(t) = log(τ² + c) − ¾ log(1 + τ²), τ² = e^{2t} − 1: the clock the levels are uniform in.
 
   dθ/dt = 2(1 + τ²)/(τ² + c) − 3/2 decreases from 2/c to 1/2: levels are uniform in the heat
   time τ² ≈ 2t near t = 0, and uniform in t (4x sparser than there) for t ≳ 1, where R
-  decays like e^{−3t} and changes slowly.
+  decays like e^{−3t} and changes slowly. NumPy in, NumPy out; a jax.Array in, jax.Array out.
   """
   xp = jnp if isinstance(t, jax.Array) else np
   tau2 = xp.expm1(2.0 * t)
   return xp.log(tau2 + time_warp) - _LATE_SLOWDOWN * 2.0 * t
 
 
-def theta_to_time(theta, time_warp: float):
+def theta_to_time(theta: float | np.ndarray, time_warp: float) -> np.ndarray:
   """Inverse of `time_to_theta` (θ is strictly increasing): bisection, then Newton."""
   theta = np.asarray(theta, np.float64)
   lo = np.zeros_like(theta)
@@ -245,7 +245,7 @@ def _log_density_chunk(log_density, params, points):
   return jax.vmap(lambda y: log_density(params, y))(points)
 
 
-def evaluate(log_density: LogDensity, params: Params, points) -> np.ndarray:
+def evaluate(log_density: LogDensity, params: Params, points: np.ndarray | Array) -> np.ndarray:
   """log p(y) at many points (..., 2) -> (...), in fixed-size chunks (one compilation)."""
   points = np.asarray(points, np.float64)
   shape = points.shape[:-1]
@@ -425,7 +425,7 @@ def _time_coefficients(values: Array) -> Array:
 def solve(
     log_density: LogDensity,
     component_params: Sequence[Params],
-    log_weights,
+    log_weights: np.ndarray | Sequence[float],
     spec: GridSpec = GridSpec(),
 ) -> tuple[ScoreTables, SolveInfo]:
   """Solves (FP) for p0 = Σ_k w_k p_k and returns the score tables (module docstring).
@@ -597,8 +597,7 @@ def batch_score(tables: ScoreTables, x: Array, t: Array) -> Array:
 
 
 def _solve_batch(tables: ScoreTables, x0: Array, t_end: float, options: flow.SolverOptions, save_ts, adjoint):
-  solver_cls = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5, "dopri8": diffrax.Dopri8,
-                "heun": diffrax.Heun}[options.solver]
+  solver_cls = flow.solver_class(options.solver)
   drift = sde.probability_flow_drift(sde.ConstantSchedule(2.0, tables.t_max), lambda x, t: batch_score(tables, x, t))
   saveat = diffrax.SaveAt(t1=True) if save_ts is None else diffrax.SaveAt(ts=save_ts, t1=True)
   return diffrax.diffeqsolve(
@@ -621,7 +620,9 @@ def saved_times(t_max: float, num: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def jitted(options: flow.SolverOptions = flow.SolverOptions(), num_saved_times: int = 0):
+def jitted(
+    options: flow.SolverOptions = flow.SolverOptions(), num_saved_times: int = 0
+) -> tuple[Callable[[ScoreTables, Array], flow.FlowSolution], Callable[[ScoreTables, Array], Array]]:
   """(encode, encoder_jacobian) jit-compiled for these options, shared by all callers (each
   compiles once per table shape and batch size). With num_saved_times > 0 encode also returns
   the trajectories at `saved_times(t_max, num_saved_times)`."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from ddpm_ot_jax import sde
 
@@ -108,7 +109,7 @@ def w2_squared(mean0: Array, cov0: Array, mean1: Array, cov1: Array) -> Array:
 
 
 def random_gaussian(
-    key: Array, dims: int, eig_min: float = 0.1, eig_max: float = 10.0, dtype=jnp.float64
+    key: Array, dims: int, eig_min: float = 0.1, eig_max: float = 10.0, dtype: DTypeLike = jnp.float64
 ) -> tuple[Array, Array]:
   """A random N(a0, Σ0): a0 ~ N(0, I); Σ0 = Q diag(λ) Qᵀ, λ log-uniform in [eig_min, eig_max],
 

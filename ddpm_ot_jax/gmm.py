@@ -14,6 +14,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from ddpm_ot_jax import sde
 
@@ -95,7 +96,7 @@ def random_mixture(
     mean_scale: float = 2.0,
     eig_min: float = 0.05,
     eig_max: float = 1.0,
-    dtype=jnp.float64,
+    dtype: DTypeLike = jnp.float64,
 ) -> GaussianMixture:
   """A random mixture: weights ~ Dirichlet(1), means ~ N(0, mean_scale² I),
 

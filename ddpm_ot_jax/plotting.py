@@ -1,15 +1,19 @@
-"""Figures of the theory lab (matplotlib, Agg backend). Each function returns a Figure.
+"""Figures of the theory lab: Fig. 1 (Gaussian flow), the mixture OT tests, Figs. 2–4 of Sec. 3.4
+and the perturbed-Gaussian sweep. Each function takes plain arrays and returns a Figure.
 
-Functions take plain arrays, so any experiment or notebook can draw them; the caller
-saves (experiments/common.save_figure) or shows them.
+Figures are `matplotlib.figure.Figure` objects, made without pyplot: importing this module
+neither selects nor changes a backend (a notebook keeps its own), and nothing is registered
+with pyplot's global figure list. The caller saves them (experiments/common.save_figure; PNG
+rendering needs no backend) or shows them (`IPython.display.display(fig)` in a notebook).
 """
 from __future__ import annotations
 
-import matplotlib
+from collections.abc import Mapping, Sequence
+import math
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import matplotlib.colors
+from matplotlib.figure import Figure
+import numpy as np
 
 
 def gaussian_flow_figure(
@@ -19,7 +23,7 @@ def gaussian_flow_figure(
     times: list[float],
     trajectories: np.ndarray,
     ot_targets: np.ndarray,
-):
+) -> Figure:
   """The paper's Fig. 1 for a 2-D Gaussian.
 
   Top row: the density p_t on a grid at `times` (diffusion snapshots). Bottom left: the
@@ -27,7 +31,7 @@ def gaussian_flow_figure(
   displacement x ↦ Σ0^{−1/2}(x − a0) for the same starting points.
   """
   k = len(times)
-  fig = plt.figure(figsize=(3.0 * k, 7.0))
+  fig = Figure(figsize=(3.0 * k, 7.0))
   grid = fig.add_gridspec(2, 2 * k)
   for i, (t, dens) in enumerate(zip(times, densities)):
     ax = fig.add_subplot(grid[0, 2 * i:2 * i + 2])
@@ -63,13 +67,14 @@ def ot_tests_figure(
     jacobian_asymmetry: np.ndarray,
     asymmetry_floor: float,
     dims: np.ndarray,
-):
+) -> Figure:
   """Left: ε_rel of each mixture against n (the paper's cost test; 0 is plotted at 1e-17).
 
   Right: the Jacobian asymmetry ‖J − Jᵀ‖_F/‖J‖_F of each mixture's encoder (median over
   its points) against dimension, with the numerical floor measured on Gaussians.
   """
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  fig = Figure(figsize=(10, 4))
+  axes = fig.subplots(1, 2)
   errs = np.maximum(np.asarray(ot_relative_errors, float), 1e-17)
   for row in errs:
     axes[0].plot(sample_sizes, row, "o-", lw=0.8, alpha=0.7)
@@ -86,5 +91,154 @@ def ot_tests_figure(
   axes[1].set_ylabel("‖J − Jᵀ‖_F / ‖J‖_F")
   axes[1].set_title("Brenier's criterion: Jacobian symmetry")
   axes[1].legend(fontsize=8)
+  fig.tight_layout()
+  return fig
+
+
+# ----------------------------------------------------------------------------------------
+# Sec. 3.4: Figures 2–4 (experiments/synthetic_2d.py) and the perturbed Gaussians
+# ----------------------------------------------------------------------------------------
+
+
+def densities_figure(
+    log_densities: Sequence[np.ndarray],
+    num_components: Sequence[int],
+    domain: float = 10.0,
+    extent: float = 6.0,
+) -> Figure:
+  """Fig. 2: a panel of example densities (1/K) Σ_k exp(−q1_k − q2_k)/Z_k.
+
+  log_densities[i]: log p on the tensor grid of [−domain, domain]² (axis 0 = x1), e.g.
+  `densities.mixture_log_density_grid`; num_components[i]: its K. Shown on [−extent, extent]².
+  """
+  n = len(log_densities)
+  cols = max(1, min(n, 4))
+  rows = max(1, math.ceil(n / cols))
+  fig = Figure(figsize=(3 * cols, 3 * rows))
+  axes = fig.subplots(rows, cols, squeeze=False)
+  for ax in axes.ravel():
+    ax.set_axis_off()
+  for ax, log_p, k in zip(axes.ravel(), log_densities, num_components):
+    ax.imshow(np.exp(np.asarray(log_p)).T, origin="lower", extent=(-domain, domain, -domain, domain),
+              cmap="viridis")
+    ax.set_xlim(-extent, extent)
+    ax.set_ylim(-extent, extent)
+    ax.set_title(f"K = {k}", fontsize=9)
+  fig.suptitle("Fig. 2: example densities (1/K) Σ exp(−q1 − q2)/Z")
+  fig.tight_layout()
+  return fig
+
+
+def costs_figure(cost_ot: np.ndarray, cost_encoder: np.ndarray, eps: np.ndarray) -> Figure:
+  """Fig. 3: Cost(E) against Cost(OT) per density, and the histogram of log10 ε_rel, where
+  ε_rel = (Cost(E) − Cost(OT)) / Cost(OT) (Sec. 3.4); densities with ε_rel = 0 are counted apart."""
+  cost_ot, cost_encoder, eps = (np.asarray(v, np.float64) for v in (cost_ot, cost_encoder, eps))
+  fig = Figure(figsize=(10, 4))
+  ax1, ax2 = fig.subplots(1, 2)
+  ax1.scatter(cost_ot, cost_encoder, s=10)
+  lo, hi = min(cost_ot.min(), cost_encoder.min()), max(cost_ot.max(), cost_encoder.max())
+  ax1.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="Cost(E) = Cost(OT)")
+  ax1.set_xlabel("Cost(OT)")
+  ax1.set_ylabel("Cost(E)")
+  ax1.legend()
+  positive = eps[eps > 0]
+  zeros = int(np.sum(eps <= 0))
+  if positive.size:
+    ax2.hist(np.log10(positive), bins=30)
+  ax2.set_xlabel("log10 ε_rel  (ε_rel > 0 only)")
+  ax2.set_ylabel("densities")
+  ax2.set_title(f"{zeros} of {len(eps)} densities: ε_rel = 0 (identity pairing is optimal)", fontsize=9)
+  fig.suptitle("Fig. 3: encoder pairing vs exact OT")
+  fig.tight_layout()
+  return fig
+
+
+def trajectories_figure(
+    log_densities: Sequence[np.ndarray],
+    trajectories: Sequence[np.ndarray],
+    t_max: float,
+    num_points: int | None = None,
+    domain: float = 10.0,
+    extent: float = 5.0,
+) -> Figure:
+  """Fig. 4: probability-flow trajectories (Eq. 9) and the limiting map, one row per density.
+
+  log_densities[i]: log p0 on the grid of [−domain, domain]² (axis 0 = x1); trajectories[i]:
+  (n, k, 2) positions at k saved times from t = 0 (X0) to t_max (the last: X1 = E(X0)); the
+  first `num_points` (all if None) are drawn. Left: trajectories over the density. Middle: X0
+  coloured by the angle of E(x) (hue) and its radius (brightness). Right: X1 = E(X0) with the
+  same colours (≈ N(0, I)).
+  """
+  rows = max(1, len(log_densities))
+  fig = Figure(figsize=(12, 4 * rows))
+  axes = fig.subplots(rows, 3, squeeze=False)
+  for row, (log_p, traj) in enumerate(zip(log_densities, trajectories)):
+    traj = np.asarray(traj)[:num_points]
+    x0, x1 = traj[:, 0], traj[:, -1]
+    ax = axes[row, 0]
+    ax.imshow(np.exp(np.asarray(log_p)).T, origin="lower", extent=(-domain, domain, -domain, domain),
+              cmap="Greys")
+    for tr in traj:
+      ax.plot(tr[:, 0], tr[:, 1], lw=0.5, alpha=0.7)
+    ax.scatter(x0[:, 0], x0[:, 1], s=3, c="k", label="X0")
+    ax.set_title("trajectories of Eq. 9, t ∈ [0, %g]" % t_max, fontsize=9)
+    angle = (np.arctan2(x1[:, 1], x1[:, 0]) + np.pi) / (2 * np.pi)
+    radius = np.clip(np.linalg.norm(x1, axis=1) / 3.0, 0, 1)
+    colors = matplotlib.colors.hsv_to_rgb(np.stack([angle, np.ones_like(angle), 0.35 + 0.65 * radius], -1))
+    axes[row, 1].scatter(x0[:, 0], x0[:, 1], s=6, c=colors)
+    axes[row, 1].set_title("X0, coloured by E(x)", fontsize=9)
+    axes[row, 2].scatter(x1[:, 0], x1[:, 1], s=6, c=colors)
+    axes[row, 2].set_title("X1 = E(X0)", fontsize=9)
+    for ax in axes[row]:
+      ax.set_xlim(-extent, extent)
+      ax.set_ylim(-extent, extent)
+      ax.set_aspect("equal")
+  fig.suptitle("Fig. 4: probability-flow trajectories and the limiting encoder map")
+  fig.tight_layout()
+  return fig
+
+
+def perturbed_gaussian_figure(
+    epsilons: np.ndarray,
+    encoder_vs_ot_map_err: np.ndarray,
+    encoder_error_floor: float,
+    encoder_numerical_err: np.ndarray,
+    encoder_vs_ot_map_slope: float,
+    jacobian_asymmetry_median: np.ndarray,
+    ot_relative_error: np.ndarray,
+    num_samples: int,
+    sweep: Mapping[int, np.ndarray] | None = None,
+) -> Figure:
+  """ε against ‖E − ∇u‖/‖∇u‖ (with the ε = 0 floor and the numerical error beside it), the
+  median Jacobian asymmetry ‖J − Jᵀ‖_F/‖J‖_F (∇²u is symmetric: 0 for the OT map), and the
+  paper's ε_rel at `num_samples` and at each n of `sweep` (n ↦ ε_rel per ε), log-log.
+
+  Arrays are one value per ε (the keys of experiments/perturbed_gaussian.py's results).
+  """
+  eps = np.asarray(epsilons, np.float64)
+  pos = eps > 0
+  fig = Figure(figsize=(14, 4))
+  axes = fig.subplots(1, 3)
+  err = np.asarray(encoder_vs_ot_map_err, np.float64)
+  axes[0].loglog(eps[pos], err[pos], "o-", label="‖E − ∇u‖ / ‖∇u‖")
+  if np.isfinite(encoder_error_floor):
+    axes[0].axhline(max(encoder_error_floor, 1e-17), color="gray", ls="--", label="floor (ε = 0)")
+  numerical = np.asarray(encoder_numerical_err, np.float64)
+  if np.isfinite(numerical[pos]).any():
+    axes[0].loglog(eps[pos], numerical[pos], "x:", color="gray", label="numerical error (vs finer grid)")
+  axes[0].set_title(f"encoder vs the OT map; slope {encoder_vs_ot_map_slope:.2f}", fontsize=10)
+  asym = np.asarray(jacobian_asymmetry_median, np.float64)
+  axes[1].loglog(eps[pos], np.maximum(asym[pos], 1e-17), "o-", label="median ‖J − Jᵀ‖/‖J‖")
+  if (~pos).any():
+    axes[1].axhline(max(asym[~pos].max(), 1e-17), color="gray", ls="--", label="ε = 0")
+  axes[1].set_title("Brenier's criterion (OT map: 0)", fontsize=10)
+  rel = np.asarray(ot_relative_error, np.float64)
+  axes[2].semilogx(eps[pos], rel[pos], "o-", label=f"n = {num_samples}")
+  for n, values in (sweep or {}).items():
+    axes[2].semilogx(eps[pos], np.asarray(values, np.float64)[pos], ".--", label=f"n = {n}")
+  axes[2].set_title("the paper's test: ε_rel", fontsize=10)
+  for ax in axes:
+    ax.set_xlabel("ε")
+    ax.legend(fontsize=8)
   fig.tight_layout()
   return fig

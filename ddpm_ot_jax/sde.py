@@ -18,7 +18,9 @@ s(t) = ½ B(t) (`ou_time`), which is how the closed forms in `gaussian` and `gmm
 schedules.
 
 Schedules are frozen dataclasses (hashable, so they can be static arguments of `jax.jit`)
-exposing `beta(t)`, `beta_integral(t)` = B(t) and the end time `t_max`.
+exposing `beta(t)`, `beta_integral(t)` = B(t) and the end time `t_max`. `time_from_ou_time`
+inverts s(t) on [0, t_max], and `make_schedule_until_ou_time` builds a schedule that reaches a
+given OU time s (the way the theory experiments state their end time for every schedule).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]  # (x, t) -> ∇_x log p_t(x)
@@ -119,6 +122,57 @@ def ou_time(schedule: Schedule, t: Array) -> Array:
   return 0.5 * schedule.beta_integral(t)
 
 
+def time_from_ou_time(schedule: Schedule, s: float) -> float:
+  """The schedule time t ∈ [0, t_max] with s(t) = ½ B(t) = s: the inverse of `ou_time`.
+
+  Closed forms: constant β, t = 2s/β; linear, ½(β_min t + ½(β_max − β_min) t²) = s, so
+  t = 4s / (β_min + √(β_min² + 4(β_max − β_min) s)); cosine, cos(π/2 (t+ς)/(1+ς)) =
+  cos(π/2 ς/(1+ς)) e^{−s}. Any other schedule: bisection on B, which increases (β > 0).
+
+  Raises ValueError if s < 0 or s > s(t_max): beyond its end a schedule is not a VP-SDE
+  (the cosine β = B' passes the pole of tan at t = 1; the linear β would be extrapolated).
+  """
+  s = float(s)
+  s_max = float(ou_time(schedule, schedule.t_max))
+  if not 0.0 <= s <= s_max * (1.0 + 1e-12):
+    raise ValueError(
+        f"OU time {s:g} is outside [0, {s_max:.4g}], the range of the {type(schedule).__name__} "
+        f"(OU time {s_max:.4g} at its end t_max = {schedule.t_max:g}); choose an OU time ≤ {s_max:.4g} "
+        "or the 'constant' schedule (the paper's OU process, any end time).")
+  if isinstance(schedule, ConstantSchedule):
+    t = 2.0 * s / schedule.beta_value
+  elif isinstance(schedule, LinearSchedule):
+    t = 4.0 * s / (schedule.beta_min + math.sqrt(schedule.beta_min**2 + 4.0 * (schedule.beta_max - schedule.beta_min) * s))
+  elif isinstance(schedule, CosineSchedule):
+    c0 = math.cos(0.5 * math.pi * schedule.s / (1.0 + schedule.s))
+    t = math.acos(c0 * math.exp(-s)) * 2.0 * (1.0 + schedule.s) / math.pi - schedule.s
+  else:
+    lo, hi = 0.0, float(schedule.t_max)
+    for _ in range(200):
+      mid = 0.5 * (lo + hi)
+      lo, hi = (mid, hi) if float(ou_time(schedule, mid)) < s else (lo, mid)
+    t = 0.5 * (lo + hi)
+  return min(max(t, 0.0), float(schedule.t_max))
+
+
+def make_schedule_until_ou_time(name: str, ou_time_end: float) -> tuple[Schedule, float]:
+  """(schedule, t_end): the schedule `name` and its time t_end at which s(t_end) = ou_time_end.
+
+  'constant' (the paper's OU, β = 2, Eq. 8) is built with t_max = ou_time_end, so t_end =
+  ou_time_end and any end time works; 'linear' and 'cosine' keep their own range [0, t_max]
+  (OU time ≤ 5.025 and ≤ 4.778 with the defaults) and a larger ou_time_end is a ValueError
+  (`time_from_ou_time`). Stating the end as an OU time makes the closed forms of Theorem 3.1
+  (which depend on s only) and the distance e^{−s} to the limit map the same for every schedule.
+  """
+  if name == "constant":
+    if not ou_time_end > 0:
+      raise ValueError(f"The OU end time must be positive, got {ou_time_end}.")
+    schedule = make_schedule(name, t_max=float(ou_time_end))
+  else:
+    schedule = make_schedule(name)
+  return schedule, time_from_ou_time(schedule, ou_time_end)
+
+
 def perturb(schedule: Schedule, key: Array, x0: Array, t: Array) -> tuple[Array, Array]:
   """Samples x_t = α(t) x_0 + σ(t) ε, ε ~ N(0, I). Returns (x_t, ε).
 
@@ -129,7 +183,7 @@ def perturb(schedule: Schedule, key: Array, x0: Array, t: Array) -> tuple[Array,
   return marginal_mean_coeff(schedule, t) * x0 + marginal_std(schedule, t) * noise, noise
 
 
-def prior_sample(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+def prior_sample(key: Array, shape: tuple[int, ...], dtype: DTypeLike = jnp.float32) -> Array:
   """x_T ~ N(0, I), the VP-SDE's prior."""
   return jax.random.normal(key, shape, dtype)
 

@@ -83,6 +83,28 @@ class QuarticMixtureTest(absltest.TestCase):
     rhs = log_prob(self.mixture, center + x / scale) - 2 * np.log(scale)
     np.testing.assert_allclose(lhs, rhs, atol=1e-9)
 
+  def test_draw_reaching_the_boundary_is_measured_on_a_wider_box(self):
+    """A raw draw whose e^{−80} level set reaches the boundary of [−10, 10]² (density 143 of the
+    default 150-density run) is measured on a doubled box instead of being truncated, so the
+    result keeps the scaling's promise: p < e^{−75} max p outside [−8, 8]² (e^{−80} up to one
+    grid spacing; measured on the truncated box it was e^{−55}). Without widening it is a
+    ValueError, never a silently truncated density."""
+    key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(0), 143))[0]
+    mixture = densities.random_quartic_mixture(key, grid_size=256)
+    log_p = densities.mixture_log_density_grid(mixture, 256)
+    nodes, _ = densities.quadrature_grid(256)
+    outside = (np.abs(nodes)[:, None] > 8.0) | (np.abs(nodes)[None, :] > 8.0)
+    self.assertLess(log_p[outside].max(), log_p.max() - 75.0)
+    with self.assertRaisesRegex(ValueError, "max_widenings"):
+      densities.random_quartic_mixture(key, grid_size=256, max_widenings=0)
+
+  def test_scaled_density_outside_the_domain_is_a_clear_error(self):
+    """fit_radius > domain with the radius binding (target_std huge) would put the density's
+    e^{−80} level set past the boundary: a ValueError that names fit_radius."""
+    with self.assertRaisesRegex(ValueError, "fit_radius"):
+      densities.random_quartic_mixture(jax.random.PRNGKey(4), grid_size=256, target_std=100.0, fit_radius=12.0)
+
+
 
 class PerturbedGaussianTest(absltest.TestCase):
 

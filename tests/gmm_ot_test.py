@@ -4,45 +4,77 @@ import tempfile
 
 from absl.testing import absltest
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from configs import gmm_ot as gmm_ot_config
+from ddpm_ot_jax import flow
 from ddpm_ot_jax import gmm
 from ddpm_ot_jax import ot
+from ddpm_ot_jax import sde
 from ddpm_ot_jax.experiments import gmm_ot
 
 jax.config.update("jax_enable_x64", True)
 
 
+def small_config():
+  config = gmm_ot_config.get_config()
+  config.num_mixtures = 2
+  config.dims = (2,)
+  config.sample_sizes = (60, 120)
+  config.num_jacobian_points = 8
+  return config
+
+
 class GMMOTExperimentTest(absltest.TestCase):
 
   def test_small_run(self):
-    """Two 2-D mixtures, n ∈ {60, 120}: keys present; arrays.npz re-derives the asymmetry and
-    ε_rel; samples follow the saved mixture; the Gaussian floor is at solver precision while
+    """Two 2-D mixtures, n ∈ {60, 120}, started in float32 (run() must switch to float64 itself):
+    keys present; arrays.npz is float64 and re-derives the per-mixture median asymmetry, the
+    pooled max over all points of all mixtures, and ε_rel; re-encoding saved points with the
+    saved mixture reproduces the saved codes; the Gaussian floor is at solver precision while
     the mixtures' Jacobians are measurably asymmetric (Lavenant & Santambrogio 2022)."""
-    config = gmm_ot_config.get_config()
-    config.num_mixtures = 2
-    config.dims = (2,)
-    config.sample_sizes = (60, 120)
-    config.num_jacobian_points = 8
+    config = small_config()
+    jax.config.update("jax_enable_x64", False)
+    self.addCleanup(jax.config.update, "jax_enable_x64", True)
     with tempfile.TemporaryDirectory() as workdir:
       results = gmm_ot.run(config, workdir)
-      arrays = np.load(os.path.join(workdir, "arrays.npz"))
+      arrays = dict(np.load(os.path.join(workdir, "arrays.npz")))
       self.assertTrue(os.path.exists(os.path.join(workdir, "gmm_ot_tests.png")))
+    self.assertTrue(jax.config.jax_enable_x64)
     for key in ("ot_relative_error_median", "ot_relative_error_max", "jacobian_asymmetry_median",
                 "jacobian_asymmetry_max", "num_mixtures", "ot_relative_error_median_n60",
-                "ot_relative_error_median_n120", "jacobian_asymmetry_floor"):
+                "ot_relative_error_median_n120", "jacobian_asymmetry_floor",
+                "jacobian_asymmetry_per_mixture_median", "jacobian_asymmetry_per_mixture_max"):
       self.assertIn(key, results)
+    pooled = []
+    schedule = sde.ConstantSchedule(t_max=config.t_end)
+    options = flow.SolverOptions(**config.solver)
     for i in range(2):
-      asym = np.median(np.asarray(ot.jacobian_asymmetry(arrays[f"m{i}_jacobians"])))
-      self.assertAlmostEqual(asym, results["jacobian_asymmetry"][i], places=12)
+      self.assertEqual(arrays[f"m{i}_codes"].dtype, np.float64)
+      asym = np.asarray(ot.jacobian_asymmetry(arrays[f"m{i}_jacobians"]))
+      pooled.append(asym)
+      self.assertAlmostEqual(np.median(asym), results["jacobian_asymmetry_per_mixture_median"][i], places=12)
+      self.assertAlmostEqual(asym.max(), results["jacobian_asymmetry_per_mixture_max"][i], places=12)
       x, codes = arrays[f"m{i}_x"], arrays[f"m{i}_codes"]
       rel = ot.ot_relative_error(x[:120], codes[:120])["ot_relative_error"]
       self.assertAlmostEqual(rel, results["ot_relative_error_n120"][i], places=12)
       mixture = gmm.GaussianMixture(arrays[f"m{i}_weights"], arrays[f"m{i}_means"], arrays[f"m{i}_covs"])
-      self.assertTrue(np.all(np.isfinite(jax.vmap(lambda p: gmm.log_prob(mixture, p))(x))))
+      again = flow.encode(schedule, gmm.score_fn(mixture, schedule), jnp.asarray(x[:4]), config.t_end, options).x
+      np.testing.assert_allclose(again, codes[:4], atol=1e-9 * np.abs(codes[:4]).max())
+    pooled = np.concatenate(pooled)
+    self.assertAlmostEqual(pooled.max(), results["jacobian_asymmetry_max"], places=12)
+    self.assertAlmostEqual(np.median(pooled), results["jacobian_asymmetry_median"], places=12)
     self.assertLess(results["jacobian_asymmetry_floor"], 1e-9)
     self.assertGreater(results["jacobian_asymmetry_median"], 1e3 * results["jacobian_asymmetry_floor"])
+
+  def test_t_end_beyond_the_schedule_is_a_clear_error(self):
+    """t_end is OU time: 16 is past the cosine schedule's end (OU time 4.78), a ValueError that
+    names the config fields, before any work."""
+    config = small_config()
+    config.schedule = "cosine"
+    with self.assertRaisesRegex(ValueError, "config.t_end"):
+      gmm_ot.run(config, tempfile.mkdtemp())
 
 
 if __name__ == "__main__":

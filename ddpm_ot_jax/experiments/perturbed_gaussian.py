@@ -31,18 +31,19 @@ from typing import Any
 from absl import logging
 import jax
 import jax.numpy as jnp
-import matplotlib.pyplot as plt
+import ml_collections
 import numpy as np
 
 from ddpm_ot_jax import densities
 from ddpm_ot_jax import flow
 from ddpm_ot_jax import fokker_planck as fp
 from ddpm_ot_jax import ot
+from ddpm_ot_jax import plotting
 from ddpm_ot_jax.experiments import common
 from ddpm_ot_jax.experiments import synthetic_2d
 
 
-def _validate(config, bound: float) -> None:
+def _validate(config: ml_collections.ConfigDict, bound: float) -> None:
   for name in ("grid_size", "num_time_steps", "num_samples", "table_size"):
     if int(config[name]) < 1:
       raise ValueError(f"config.{name} must be positive, got {config[name]}.")
@@ -53,7 +54,7 @@ def _validate(config, bound: float) -> None:
       raise ValueError(f"ε = {eps} makes u non-convex: need |ε| < {1.0 / bound:.4f} (1/‖BᵀB‖).")
 
 
-def fitted_slope(epsilons: np.ndarray, errors: np.ndarray, floor) -> float:
+def fitted_slope(epsilons: np.ndarray, errors: np.ndarray, floor: float | np.ndarray) -> float:
   """Least-squares slope of log(error) vs log(ε) over ε > 0 with error > 10·floor (NaN if < 2).
 
   floor: a number, or one per ε (e.g. the numerical error estimated at that ε).
@@ -64,7 +65,7 @@ def fitted_slope(epsilons: np.ndarray, errors: np.ndarray, floor) -> float:
   return float(np.polyfit(np.log(epsilons[keep]), np.log(errors[keep]), 1)[0])
 
 
-def _ot_test(x, y, method: str) -> dict[str, float]:
+def _ot_test(x: Any, y: Any, method: str) -> dict[str, float]:
   """`ot.ot_relative_error`, with ε_rel = NaN when Cost(OT) = 0 (x = y: nothing is transported)."""
   try:
     return ot.ot_relative_error(np.asarray(x), np.asarray(y), method)
@@ -72,7 +73,14 @@ def _ot_test(x, y, method: str) -> dict[str, float]:
     return {"ot_relative_error": float("nan"), "identity_fraction": 1.0}
 
 
-def measure(epsilon: float, key, config, spec: fp.GridSpec, encode, jacobian) -> dict[str, Any]:
+def measure(
+    epsilon: float,
+    key: jax.Array,
+    config: ml_collections.ConfigDict,
+    spec: fp.GridSpec,
+    encode: synthetic_2d.EncodeFn,
+    jacobian: synthetic_2d.JacobianFn,
+) -> dict[str, Any]:
   """All measurements at one ε (see module docstring)."""
   gaussian = densities.default_perturbation(epsilon)
   x, z = densities.sample_perturbed(gaussian, key, config.num_samples)
@@ -116,7 +124,7 @@ def measure(epsilon: float, key, config, spec: fp.GridSpec, encode, jacobian) ->
   }
 
 
-def run(config, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """The ε sweep; returns the flat results dict (see module docstring)."""
   bound = densities.hessian_bound(densities.default_perturbation(0.0))
   _validate(config, bound)
@@ -173,35 +181,9 @@ def run(config, workdir: str) -> dict[str, Any]:
       out[f"ot_relative_error_n{n}"] = [r["sweep"][j] for r in rows]
   common.save_npz(os.path.join(workdir, "arrays.npz"), epsilons=eps_arr, x=np.stack([r["x"] for r in rows]),
                   z=np.stack([r["z"] for r in rows]), x1=np.stack([r["x1"] for r in rows]))
-  common.save_figure(plot_errors(out), os.path.join(workdir, "perturbed_gaussian.png"))
+  fig = plotting.perturbed_gaussian_figure(
+      eps_arr, err, floor, np.array(out["encoder_numerical_err"]), out["encoder_vs_ot_map_slope"],
+      asym, np.array(out["ot_relative_error"]), config.num_samples,
+      {n: np.array(out[f"ot_relative_error_n{n}"]) for n in sizes})
+  common.save_figure(fig, os.path.join(workdir, "perturbed_gaussian.png"))
   return out
-
-
-def plot_errors(results: dict[str, Any]):
-  """ε against the encoder's distance to ∇u, the Jacobian asymmetry and ε_rel (log-log)."""
-  eps = np.array(results["epsilons"])
-  pos = eps > 0
-  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-  err = np.array(results["encoder_vs_ot_map_err"])
-  axes[0].loglog(eps[pos], err[pos], "o-", label="‖E − ∇u‖ / ‖∇u‖")
-  if np.isfinite(results["encoder_error_floor"]):
-    axes[0].axhline(max(results["encoder_error_floor"], 1e-17), color="gray", ls="--", label="floor (ε = 0)")
-  numerical = np.array(results["encoder_numerical_err"])
-  if np.isfinite(numerical[pos]).any():
-    axes[0].loglog(eps[pos], numerical[pos], "x:", color="gray", label="numerical error (vs finer grid)")
-  axes[0].set_title(f"encoder vs the OT map; slope {results['encoder_vs_ot_map_slope']:.2f}", fontsize=10)
-  asym = np.array(results["jacobian_asymmetry_median"])
-  axes[1].loglog(eps[pos], np.maximum(asym[pos], 1e-17), "o-", label="median ‖J − Jᵀ‖/‖J‖")
-  if (~pos).any():
-    axes[1].axhline(max(asym[~pos].max(), 1e-17), color="gray", ls="--", label="ε = 0")
-  axes[1].set_title("Brenier's criterion (OT map: 0)", fontsize=10)
-  rel = np.array(results["ot_relative_error"])
-  axes[2].semilogx(eps[pos], rel[pos], "o-", label=f"n = {results['num_samples']}")
-  for n in results.get("sweep_num_samples", []):
-    axes[2].semilogx(eps[pos], np.array(results[f"ot_relative_error_n{n}"])[pos], ".--", label=f"n = {n}")
-  axes[2].set_title("the paper's test: ε_rel", fontsize=10)
-  for ax in axes:
-    ax.set_xlabel("ε")
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  return fig

@@ -19,44 +19,50 @@ n: the pairing (x, T(x)) of a true OT map T is optimal for every n, so a gap tha
 is evidence against optimality.
 
 Writes results.json (via main.py), arrays.npz (parameters, X0, X1 per density) and the
-paper's Figures 2–4 (fig2_densities.png, fig3_costs.png, fig4_trajectories.png).
+paper's Figures 2–4 (fig2_densities.png, fig3_costs.png, fig4_trajectories.png; drawn by
+`plotting.densities_figure`, `costs_figure` and `trajectories_figure`).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from absl import logging
 import jax
 import jax.numpy as jnp
-import matplotlib
-import matplotlib.pyplot as plt
+import ml_collections
 import numpy as np
 
 from ddpm_ot_jax import densities
 from ddpm_ot_jax import flow
 from ddpm_ot_jax import fokker_planck as fp
 from ddpm_ot_jax import ot
+from ddpm_ot_jax import plotting
 from ddpm_ot_jax.experiments import common
 
 STAGES = ("density", "sample", "fokker_planck", "encode", "jacobian", "ot")
 NUM_SAVED_TIMES = 65
+FIGURE_RESOLUTION = 512  # grid of the density images in Figs. 2 and 4
+
+# fp.jitted's pair: encode(tables, x0) -> FlowSolution and encoder_jacobian(tables, x0) -> (n, 2, 2).
+EncodeFn = Callable[[fp.ScoreTables, jax.Array], flow.FlowSolution]
+JacobianFn = Callable[[fp.ScoreTables, jax.Array], jax.Array]
 
 
-def grid_spec(config) -> fp.GridSpec:
+def grid_spec(config: ml_collections.ConfigDict) -> fp.GridSpec:
   """The Fokker–Planck grid of a config (grid_size, num_time_steps, table_size, t_max)."""
   return fp.GridSpec(grid_size=config.grid_size, num_time_steps=config.num_time_steps,
                      table_size=config.table_size, t_max=config.t_max)
 
 
-def solver_options(config) -> flow.SolverOptions:
+def solver_options(config: ml_collections.ConfigDict) -> flow.SolverOptions:
+  """The ODE solver of a config (solver, rtol, atol)."""
   return flow.SolverOptions(solver=config.solver, rtol=config.rtol, atol=config.atol)
 
 
-def _validate(config) -> None:
+def _validate(config: ml_collections.ConfigDict) -> None:
   for name in ("num_densities", "grid_size", "num_time_steps", "num_samples", "table_size"):
     if int(config[name]) < 1:
       raise ValueError(f"config.{name} must be positive, got {config[name]}.")
@@ -87,7 +93,13 @@ class DensityResult:
   trajectory: np.ndarray | None = None  # (n, num_saved_times, 2): Eq. 9 trajectories of X0
 
 
-def process_density(key, config, spec, encode, jacobian) -> tuple[DensityResult, fp.ScoreTables]:
+def process_density(
+    key: jax.Array,
+    config: ml_collections.ConfigDict,
+    spec: fp.GridSpec,
+    encode: EncodeFn,
+    jacobian: JacobianFn,
+) -> tuple[DensityResult, fp.ScoreTables]:
   """Runs stages 1–5 on the density drawn from `key`; returns the result and its tables."""
   k_density, k_sample = jax.random.split(key)
   seconds, cpu_seconds = {}, {}
@@ -133,7 +145,14 @@ def process_density(key, config, spec, encode, jacobian) -> tuple[DensityResult,
   return result, tables
 
 
-def sample_size_sweep(key, mixture, tables, sizes, config, encode) -> list[float]:
+def sample_size_sweep(
+    key: jax.Array,
+    mixture: densities.QuarticMixture,
+    tables: fp.ScoreTables,
+    sizes: Sequence[int],
+    config: ml_collections.ConfigDict,
+    encode: EncodeFn,
+) -> list[float]:
   """ε_rel of fresh samples of each size n (same density and tables)."""
   out = []
   for n in sizes:
@@ -155,7 +174,7 @@ def _format_seconds(s: float) -> str:
   return f"{s:.0f}s" if s < 120 else f"{s / 60:.1f}min"
 
 
-def run(config, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """The 150-density experiment; returns the flat results dict (see module docstring)."""
   _validate(config)
   common.set_precision(config.x64)
@@ -252,95 +271,15 @@ def run(config, workdir: str) -> dict[str, Any]:
       cost_ot=np.array(out["cost_ot"]),
       ot_relative_error=eps,
   )
-  mixtures = [r.mixture for r in results]
-  common.save_figure(plot_densities(mixtures[:num_fig]), os.path.join(workdir, "fig2_densities.png"))
-  common.save_figure(plot_costs(np.array(out["cost_ot"]), np.array(out["cost_encoder"]), eps),
+  grids = [densities.mixture_log_density_grid(r.mixture, FIGURE_RESOLUTION) for r in results[:num_fig]]
+  common.save_figure(plotting.densities_figure(grids, [r.mixture.num_components for r in results[:num_fig]]),
+                     os.path.join(workdir, "fig2_densities.png"))
+  common.save_figure(plotting.costs_figure(np.array(out["cost_ot"]), np.array(out["cost_encoder"]), eps),
                      os.path.join(workdir, "fig3_costs.png"))
   shown = results[:min(2, num_fig)]
   if shown:
     common.save_figure(
-        plot_trajectories([r.mixture for r in shown], [r.x0 for r in shown], [r.trajectory for r in shown],
-                          config.num_trajectory_points, config.t_max),
+        plotting.trajectories_figure(grids[:len(shown)], [r.trajectory for r in shown], config.t_max,
+                                     config.num_trajectory_points),
         os.path.join(workdir, "fig4_trajectories.png"))
   return out
-
-
-# ----------------------------------------------------------------------------------------
-# Figures
-# ----------------------------------------------------------------------------------------
-
-
-def plot_densities(mixtures, extent: float = 6.0, resolution: int = 512):
-  """Fig. 2: a panel of example densities of the family."""
-  n = len(mixtures)
-  cols = min(n, 4)
-  rows = max(1, math.ceil(n / cols))
-  fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
-  for ax in axes.ravel():
-    ax.set_axis_off()
-  for ax, mixture in zip(axes.ravel(), mixtures):
-    log_p = densities.mixture_log_density_grid(mixture, resolution)
-    ax.imshow(np.exp(log_p).T, origin="lower", extent=(-10, 10, -10, 10), cmap="viridis")
-    ax.set_xlim(-extent, extent)
-    ax.set_ylim(-extent, extent)
-    ax.set_title(f"K = {mixture.num_components}", fontsize=9)
-  fig.suptitle("Fig. 2: example densities (1/K) Σ exp(−q1 − q2)/Z")
-  fig.tight_layout()
-  return fig
-
-
-def plot_costs(cost_ot: np.ndarray, cost_encoder: np.ndarray, eps: np.ndarray):
-  """Fig. 3: Cost(E) against Cost(OT), and the histogram of log10 ε_rel (zeros counted apart)."""
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-  ax1.scatter(cost_ot, cost_encoder, s=10)
-  lo, hi = min(cost_ot.min(), cost_encoder.min()), max(cost_ot.max(), cost_encoder.max())
-  ax1.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="Cost(E) = Cost(OT)")
-  ax1.set_xlabel("Cost(OT)")
-  ax1.set_ylabel("Cost(E)")
-  ax1.legend()
-  positive = eps[eps > 0]
-  zeros = int(np.sum(eps <= 0))
-  if positive.size:
-    ax2.hist(np.log10(positive), bins=30)
-  ax2.set_xlabel("log10 ε_rel  (ε_rel > 0 only)")
-  ax2.set_ylabel("densities")
-  ax2.set_title(f"{zeros} of {len(eps)} densities: ε_rel = 0 (identity pairing is optimal)", fontsize=9)
-  fig.suptitle("Fig. 3: encoder pairing vs exact OT")
-  fig.tight_layout()
-  return fig
-
-
-def plot_trajectories(mixtures, x0_list, trajectory_list, num_points: int, t_max: float, extent: float = 5.0):
-  """Fig. 4: probability-flow trajectories and the limiting map for (up to) two densities.
-
-  trajectory_list[i]: (n, k, 2) positions of x0_list[i] at k saved times (the last is t_max).
-  Left: trajectories over the density. Middle: X0 coloured by the angle of E(x) (hue) and
-  its radius (brightness). Right: X1 = E(X0) with the same colours (≈ N(0, I)).
-  """
-  rows = len(mixtures)
-  fig, axes = plt.subplots(rows, 3, figsize=(12, 4 * rows), squeeze=False)
-  for row, (mixture, x0, traj) in enumerate(zip(mixtures, x0_list, trajectory_list)):
-    traj = np.asarray(traj)[:num_points]
-    x0 = np.asarray(x0)[:num_points]
-    x1 = traj[:, -1]
-    log_p = densities.mixture_log_density_grid(mixture, 512)
-    ax = axes[row, 0]
-    ax.imshow(np.exp(log_p).T, origin="lower", extent=(-10, 10, -10, 10), cmap="Greys")
-    for tr in traj:
-      ax.plot(tr[:, 0], tr[:, 1], lw=0.5, alpha=0.7)
-    ax.scatter(x0[:, 0], x0[:, 1], s=3, c="k", label="X0")
-    ax.set_title("trajectories of Eq. 9, t ∈ [0, %g]" % t_max, fontsize=9)
-    angle = (np.arctan2(x1[:, 1], x1[:, 0]) + np.pi) / (2 * np.pi)
-    radius = np.clip(np.linalg.norm(x1, axis=1) / 3.0, 0, 1)
-    colors = matplotlib.colors.hsv_to_rgb(np.stack([angle, np.ones_like(angle), 0.35 + 0.65 * radius], -1))
-    axes[row, 1].scatter(x0[:, 0], x0[:, 1], s=6, c=colors)
-    axes[row, 1].set_title("X0, coloured by E(x)", fontsize=9)
-    axes[row, 2].scatter(x1[:, 0], x1[:, 1], s=6, c=colors)
-    axes[row, 2].set_title("X1 = E(X0)", fontsize=9)
-    for ax in axes[row]:
-      ax.set_xlim(-extent, extent)
-      ax.set_ylim(-extent, extent)
-      ax.set_aspect("equal")
-  fig.suptitle("Fig. 4: probability-flow trajectories and the limiting encoder map")
-  fig.tight_layout()
-  return fig
