@@ -57,8 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
   ))
   config.sampling = ml_collections.ConfigDict(dict(
       sampler="ddim",  # 'ddim', 'ddpm', 'dpm_solver' or 'pf_ode'
-      num_steps=100,
-      eta=0.0,
+      num_steps=100,  # network evaluations for ddim / dpm_solver ('ddpm' always takes 1000)
+      eta=0.0,  # DDIM's η
+      order=3,  # dpm_solver: multistep order 1, 2 or 3
+      variant="dpmsolver++",  # dpm_solver: 'dpmsolver++' (x_0-prediction) or 'dpmsolver' (ε)
       num_samples=1000,
       batch_size=500,
       grid_size=100,

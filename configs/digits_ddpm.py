@@ -41,7 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
       grad_clip=1.0,  # global-norm clipping (≤ 0: off)
       ema_decay=0.999,
       ema_warmup=True,  # decay min(ema_decay, (1+k)/(10+k)) at step k
-      loss_type="discrete",  # 'discrete' (DDPM's N steps) or 'continuous' (VP-SDE time)
+      loss_type="discrete",  # 'discrete' (DDPM's N steps) or 'continuous' (VP-SDE time); the
+      # samplers follow it (samplers.noise_schedule(schedule, loss_type))
       log_every=100,  # progress line and metrics.jsonl record
       checkpoint_every=500,
       keep_checkpoints=2,
@@ -52,8 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
   ))
   config.sampling = ml_collections.ConfigDict(dict(
       sampler="ddim",  # 'ddim', 'ddpm', 'dpm_solver' or 'pf_ode' (ddpm_ot_jax.samplers)
-      num_steps=50,  # network evaluations for ddim / dpm_solver
+      num_steps=50,  # network evaluations for ddim / dpm_solver ('ddpm' always takes all N)
       eta=0.0,  # DDIM's η (0: deterministic)
+      order=3,  # dpm_solver: multistep order 1, 2 or 3 (Lu et al.: 2 for guided sampling)
+      variant="dpmsolver++",  # dpm_solver: 'dpmsolver++' (x_0-prediction) or 'dpmsolver' (ε)
       num_samples=500,
       batch_size=250,
       grid_size=100,  # samples shown in samples.png

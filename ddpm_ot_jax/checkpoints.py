@@ -1,9 +1,12 @@
 """Checkpoints of a training run with orbax: save every N steps, keep the last K, resume.
 
-Layout: <directory>/<step>/state/... . orbax writes each step into a temporary folder
-(<step>.orbax-checkpoint-tmp-*) and renames it onto <step> only once every file is written
-(its atomic finalize), so a process killed mid-save leaves no folder that looks like a
-checkpoint; such leftovers are ignored and removed when a manager opens the directory.
+Layout: <directory>/<step>/state/... . orbax (0.12.8) writes each step into a temporary
+folder <step>.orbax-checkpoint-tmp (no timestamp suffix; the item inside it is written to
+state.orbax-checkpoint-tmp first) and renames it onto <step> only once every file, its
+commit_success.txt included, is written (its atomic finalize). A process killed mid-save
+therefore leaves no folder that looks like a checkpoint; such leftovers are ignored, and a
+manager opening the directory deletes them in the background (finished before its first
+save). tests/checkpoints_test.py kills a process at that rename.
 
 Restoring takes a target of the state's shapes and shardings (an abstract pytree), so the
 state comes back directly onto the devices it lives on. This module is the one library module

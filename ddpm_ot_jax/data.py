@@ -137,14 +137,8 @@ def _read_cifar10_batch(path: str, root: str) -> tuple[np.ndarray, np.ndarray]:
   return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels.astype(np.int32)
 
 
-def load_cifar10(root: str, split: str = "train") -> ImageDataset:
-  """CIFAR-10 from `root/cifar-10-batches-py/` (or `root` itself if it is that folder).
-
-  split: 'train' (data_batch_1..5, 50000 images) or 'test' (alias 'heldout'; test_batch,
-  10000 images). Images (N, 32, 32, 3) on [−1, 1] (x ↦ x/127.5 − 1), labels 0..9.
-  Missing files raise FileNotFoundError and corrupt ones ValueError, both saying where the
-  loader looked and how to get the data.
-  """
+def _cifar10_folder(root: str, split: str) -> tuple[str, tuple[str, ...]]:
+  """(folder, batch file names) of a CIFAR-10 split; FileNotFoundError when absent."""
   key = {"train": "train", "test": "test", "heldout": "test"}.get(split)
   if key is None:
     raise ValueError(f"Unknown CIFAR-10 split {split!r}; choose 'train' or 'test'.")
@@ -156,6 +150,18 @@ def load_cifar10(root: str, split: str = "train") -> ImageDataset:
     raise FileNotFoundError(
         f"CIFAR-10 {key} split not found: looked for {', '.join(files)} in "
         f"{candidates[0]} and in {candidates[1]}. {_cifar10_how_to_get(root)}")
+  return folder, files
+
+
+def load_cifar10(root: str, split: str = "train") -> ImageDataset:
+  """CIFAR-10 from `root/cifar-10-batches-py/` (or `root` itself if it is that folder).
+
+  split: 'train' (data_batch_1..5, 50000 images) or 'test' (alias 'heldout'; test_batch,
+  10000 images). Images (N, 32, 32, 3) on [−1, 1] (x ↦ x/127.5 − 1), labels 0..9.
+  Missing files raise FileNotFoundError and corrupt ones ValueError, both saying where the
+  loader looked and how to get the data.
+  """
+  folder, files = _cifar10_folder(root, split)
   parts = [_read_cifar10_batch(os.path.join(folder, f), root) for f in files]
   images = np.concatenate([p[0] for p in parts])
   labels = np.concatenate([p[1] for p in parts])
@@ -234,6 +240,24 @@ def _image_files(folder: str) -> list[str]:
   return sorted(found, key=lambda p: os.path.relpath(p, folder))
 
 
+def _has_image_files(folder: str) -> bool:
+  """True as soon as one image file is found under `folder` (no full listing)."""
+  for _, _, names in os.walk(folder):
+    if any(n.lower().endswith(IMAGE_EXTENSIONS) for n in names):
+      return True
+  return False
+
+
+def check_image_folder(root: str) -> None:
+  """Raises the FileNotFoundError `load_image_folder(root, ...)` would raise for a missing
+  folder or one without images, without reading any image."""
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"Image folder {root} does not exist. Put PNG/JPEG images there "
+                            "(one subfolder per class), or point the config's data root at it.")
+  if not _has_image_files(root):
+    raise FileNotFoundError(f"No PNG/JPEG images ({', '.join(IMAGE_EXTENSIONS)}) under {root}.")
+
+
 def _load_image(path: str, resolution: int, channels: int) -> np.ndarray:
   """Shorter side resized to `resolution` (bicubic, antialiased), center crop, uint8 HWC."""
   from PIL import Image, ImageOps  # pylint: disable=g-import-not-at-top
@@ -263,9 +287,7 @@ def load_image_folder(root: str, resolution: int, channels: int = 3,
     raise ValueError(f"channels must be 1 or 3, got {channels}.")
   if not isinstance(resolution, int) or resolution < 1:
     raise ValueError(f"resolution must be a positive int, got {resolution!r}.")
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f"Image folder {root} does not exist. Put PNG/JPEG images there "
-                            "(one subfolder per class), or point the config's data root at it.")
+  check_image_folder(root)
   subfolders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
   class_files = [(d, _image_files(os.path.join(root, d))) for d in subfolders]
   class_files = [(d, files) for d, files in class_files if files]
@@ -308,17 +330,43 @@ def load_dataset(name: str, split: str, root: str | None = None,
   in root itself.
   """
   root = os.path.expanduser(root) if root else root
+  location = _locate(name, split, root, resolution)
+  if name == "digits":
+    return load_digits(split)
+  if name == "cifar10":
+    return load_cifar10(root, split)
+  return load_image_folder(location, resolution, labels_from_subfolders=labels_from_subfolders)
+
+
+def check_dataset(name: str, split: str, root: str | None = None,
+                  resolution: int | None = None) -> None:
+  """Raises the ValueError / FileNotFoundError that `load_dataset(name, split, root,
+  resolution)` would raise for a bad name, split or resolution or for missing files, without
+  reading the images (a cheap up-front check before hours of work)."""
+  root = os.path.expanduser(root) if root else root
+  location = _locate(name, split, root, resolution)
+  if name == "digits":
+    if split not in ("train", "heldout", "test", "all"):
+      raise ValueError(f"Unknown digits split {split!r}; choose 'train', 'heldout' or 'all'.")
+  elif name == "cifar10":
+    _cifar10_folder(root, split)
+  else:
+    check_image_folder(location)
+
+
+def _locate(name: str, split: str, root: str | None, resolution: int | None) -> str | None:
+  """Validates (name, root, resolution); for image folders returns the split's folder."""
   if name == "digits":
     if resolution not in (None, 8):
       raise ValueError(f"digits images are 8×8; got resolution={resolution}.")
-    return load_digits(split)
+    return None
   if name == "cifar10":
     if resolution not in (None, 32):
       raise ValueError(f"CIFAR-10 images are 32×32; got resolution={resolution}.")
     if not root:
       raise ValueError("CIFAR-10 needs a data root (the folder holding cifar-10-batches-py). "
                        + _cifar10_how_to_get("DATA_ROOT"))
-    return load_cifar10(root, split)
+    return root
   if name == "image_folder":
     if not root or resolution is None:
       raise ValueError("image_folder needs both a data root and a resolution.")
@@ -328,7 +376,7 @@ def load_dataset(name: str, split: str, root: str | None = None,
         raise FileNotFoundError(f"No folder {folder} for split {split!r} of the image folder "
                                 f"{root}.")
       folder = root
-    return load_image_folder(folder, resolution, labels_from_subfolders=labels_from_subfolders)
+    return folder
   raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
 
 

@@ -14,7 +14,9 @@ is piecewise linear in t through the knots (k/N, ½ log ᾱ_{k−1}), k = 0..N, 
 knot at t = 0). At integer indices it reproduces ᾱ_i exactly, so DDPM and DDIM on integer
 steps are the textbook algorithms; DPM-Solver and the PF-ODE evaluate the network at the
 fractional indices t·N − 1 of that view. A network trained in continuous time on an
-`sde.Schedule` is served by `ContinuousTimeSchedule(schedule, num_steps)` instead. Both views
+`sde.Schedule` is served by `ContinuousTimeSchedule(schedule, num_steps)` instead; for the
+two losses of `train` (loss_type 'discrete' / 'continuous') `noise_schedule(ds, loss_type)`
+returns the matching view, and every sampler takes it in place of the DiscreteSchedule. Both views
 implement the `sde.Schedule` protocol (beta, beta_integral, t_max), so the closed forms of
 `gaussian` and `gmm` built on a view are the exact answers of these samplers.
 
@@ -147,9 +149,24 @@ class ContinuousTimeSchedule:
 NoiseSchedule = Union[DiscreteTimeSchedule, ContinuousTimeSchedule]
 
 
-def noise_schedule(schedule: sde.DiscreteSchedule | NoiseSchedule) -> NoiseSchedule:
-  """The continuous-time view the samplers use: `DiscreteTimeSchedule` for a DiscreteSchedule."""
+LOSS_TYPES = ("discrete", "continuous")
+
+
+def noise_schedule(schedule: sde.DiscreteSchedule | NoiseSchedule,
+                   loss_type: str = "discrete") -> NoiseSchedule:
+  """The continuous-time view the samplers use for a network trained with `loss_type`.
+
+  For a DiscreteSchedule with N steps: 'discrete' (ε_θ trained on the chain's ᾱ_i,
+  `train.noise_and_time`) gives `DiscreteTimeSchedule(schedule)`; 'continuous' (trained on
+  the VP-SDE x_t = α(t) x_0 + σ(t) ε with β(t) = N β_{tN}, network index tN − 1) gives
+  `ContinuousTimeSchedule(schedule.continuous_schedule(), N)`, whose α(t_i) are the SDE's.
+  A view is returned as it is (loss_type is then ignored).
+  """
+  if loss_type not in LOSS_TYPES:
+    raise ValueError(f"loss_type {loss_type!r} is not one of {LOSS_TYPES}.")
   if isinstance(schedule, sde.DiscreteSchedule):
+    if loss_type == "continuous":
+      return ContinuousTimeSchedule(schedule.continuous_schedule(), schedule.num_steps)
     return DiscreteTimeSchedule(schedule)
   if isinstance(schedule, (DiscreteTimeSchedule, ContinuousTimeSchedule)):
     return schedule
@@ -805,13 +822,14 @@ def sample(
     num_steps: int | None = None,
     start_index: float | None = None,
     options: flow.SolverOptions | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> SampleResult:
   """Runs the sampler named `method` (one of SAMPLERS) from x at step `start_index`.
 
   'ddpm' runs every step from start_index (num_steps must be None or start_index + 1);
   'ddim' and 'dpm_solver' use num_steps network calls; 'pf_ode' is adaptive (options).
-  Extra keyword arguments go to the sampler (eta, order, variant, ...).
+  Extra keyword arguments go to the sampler (ddpm: variance; ddim: eta, end_index;
+  dpm_solver: order, variant, skip_type, denoise_to_zero, ...; pf_ode: end_index, ...).
   """
   view = noise_schedule(schedule)
   start = _default_start(view, start_index)

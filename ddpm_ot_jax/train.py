@@ -8,8 +8,11 @@ The loss (Ho et al. 2020, "L_simple") on the N-step discretization (`sde.Discret
 As an option (`loss_type="continuous"`) the same objective in continuous time for the VP-SDE
 that the discretization approximates (Song et al. 2021; Eq. 5 of Khrulkov et al. 2022):
 t ~ U(1/N, 1), x_t = α(t) x_0 + σ(t) ε, and the network sees the step index i(t) = N t − 1,
-so that ε_θ keeps one time convention (`DiscreteSchedule.continuous_time` is its inverse) and
-every sampler works with either loss.
+so that ε_θ keeps one time convention (`DiscreteSchedule.continuous_time` is its inverse).
+The two losses train ε_θ on different noise levels at the same index (ᾱ_i of the chain vs
+exp(−B(t)) of the SDE: up to 0.7% apart in log ᾱ, 5% in σ at step 0), so a sampler must run
+on the matching continuous-time view, `samplers.noise_schedule(schedule, loss_type)`:
+`DiscreteTimeSchedule` for "discrete", `ContinuousTimeSchedule` for "continuous".
 
 A `TrainState` holds everything a run needs to continue exactly: the step count, parameters,
 their EMA, the optimizer state and the base PRNG key. The key of step k is
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import flax
@@ -210,7 +214,7 @@ def train_step(state: TrainState, images: Array, labels: Array, *, apply_fn: Cal
 # ----------------------------------------------------------------------------------------
 
 
-def initialize_distributed(**kwargs) -> None:
+def initialize_distributed(**kwargs: Any) -> None:
   """Joins a multi-host run (`jax.distributed.initialize`); call before any other jax call.
 
   On TPU pods and SLURM/Open MPI clusters jax finds the coordinator itself; elsewhere pass
@@ -231,6 +235,7 @@ def make_data_mesh(devices: list | None = None) -> Mesh:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device of `mesh` holds the whole array (parameters, optimizer state)."""
   return NamedSharding(mesh, P())
 
 
@@ -240,12 +245,23 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-  """The global batch must split evenly across devices and hosts."""
-  num_devices = mesh.devices.size
-  if batch_size % num_devices or batch_size % jax.process_count():
+  """The global batch B must split evenly over the D devices of `mesh` (B mod D = 0) and over
+  the P processes that feed it (B mod P = 0: each host passes B/P rows to `global_batch`).
+
+  Raises ValueError naming the condition that fails and the smallest valid multiple.
+  """
+  num_devices = int(mesh.devices.size)
+  num_processes = jax.process_count()
+  multiple = math.lcm(num_devices, num_processes)
+  if batch_size % num_devices:
     raise ValueError(
-        f"batch_size {batch_size} does not split evenly across {num_devices} devices; "
-        f"set training.batch_size to a multiple of {num_devices}.")
+        f"training.batch_size={batch_size} does not split evenly across the {num_devices} "
+        f"devices of the data mesh; set it to a multiple of {multiple}.")
+  if batch_size % num_processes:
+    raise ValueError(
+        f"training.batch_size={batch_size} does not split evenly across the {num_processes} "
+        f"processes (hosts) of this run, which each feed batch_size/{num_processes} rows; set "
+        f"it to a multiple of {multiple}.")
 
 
 def global_batch(mesh: Mesh, array: np.ndarray) -> Array:

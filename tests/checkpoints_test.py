@@ -99,29 +99,50 @@ class CheckpointerTest(absltest.TestCase):
       _assert_trees_equal(self, ckpt.restore(state), state)
 
   def test_process_killed_during_save_leaves_restorable_checkpoints(self):
-    """A process that dies (os._exit) while an asynchronous save of step 2 is in flight leaves
-    step 1 as the latest checkpoint, restorable, and a new save of step 2 then succeeds."""
+    """A process killed (os._exit) in the middle of saving step 2 — deterministically, at the
+    moment orbax renames the fully written temporary folder onto its final name — leaves
+    orbax's own leftover `2.orbax-checkpoint-tmp` (the name orbax-checkpoint 0.12.8 uses: no
+    timestamp suffix) and step 1 as the latest checkpoint, which restores exactly; a new
+    manager saves step 2 again, and the leftover is gone once it has (orbax removes it in
+    the background, finished before the manager's first save)."""
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {ROOT!r})
         import jax.numpy as jnp
+        from orbax.checkpoint._src.path import async_path
         from ddpm_ot_jax import checkpoints
+
+        rename = async_path.rename
+
+        async def rename_or_die(src, dst):
+          if os.path.basename(str(src)) == "2.orbax-checkpoint-tmp":
+            os._exit(17)  # killed between writing step 2 and finalizing it
+          return await rename(src, dst)
+
+        async_path.rename = rename_or_die
         ckpt = checkpoints.Checkpointer({self.dir!r})
-        ckpt.save(1, {{"w": jnp.full((1000, 1000), 1.0)}})
+        ckpt.save(1, {{"w": jnp.full((100, 100), 1.0)}})
         ckpt.wait()
-        ckpt.save(2, {{"w": jnp.full((1000, 1000), 2.0)}})
-        os._exit(0)  # no wait, no close: the background write is cut off
+        ckpt.save(2, {{"w": jnp.full((100, 100), 2.0)}})
+        ckpt.wait()
+        os._exit(3)  # not reached: the save of step 2 never finalizes
         """)
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=120)
-    target = {"w": jnp.zeros((1000, 1000))}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    self.assertEqual(proc.returncode, 17, proc.stderr[-2000:])
+    leftover = os.path.join(self.dir, "2.orbax-checkpoint-tmp")
+    self.assertEqual(sorted(d for d in os.listdir(self.dir) if not d.startswith("_")),
+                     ["1", "2.orbax-checkpoint-tmp"])
+    self.assertTrue(os.path.isfile(os.path.join(leftover, "state", "commit_success.txt")))
+    target = {"w": jnp.zeros((100, 100))}
     with checkpoints.Checkpointer(self.dir) as ckpt:
-      latest = ckpt.latest_step()
-      self.assertIn(latest, (1, 2))  # 2 only if the write happened to finish
-      np.testing.assert_array_equal(ckpt.restore(target)["w"], float(latest))
-      if latest == 1:
-        ckpt.save(2, {"w": jnp.full((1000, 1000), 3.0)})
-        ckpt.wait()
-        np.testing.assert_array_equal(ckpt.restore(target)["w"], 3.0)
+      self.assertEqual(ckpt.all_steps(), [1])
+      np.testing.assert_array_equal(ckpt.restore(target)["w"], 1.0)
+      ckpt.save(2, {"w": jnp.full((100, 100), 3.0)})
+      ckpt.wait()
+      self.assertEqual(ckpt.all_steps(), [1, 2])
+      self.assertFalse(os.path.exists(leftover))
+      np.testing.assert_array_equal(ckpt.restore(target)["w"], 3.0)
 
   def test_corrupt_checkpoint_gives_a_clear_message(self):
     """Garbage in the array files of the latest step raises ValueError naming the step, the

@@ -210,6 +210,34 @@ class ImageFolderTest(absltest.TestCase):
       data.load_dataset("mnist", "train", root, 8)
 
 
+class CheckDatasetTest(absltest.TestCase):
+
+  def test_raises_what_the_loader_raises_without_reading_images(self):
+    """check_dataset raises the loader's own error type and message for a missing CIFAR-10
+    split, a missing or image-less folder, a bad split or resolution, and returns None for
+    data that loads; a corrupt image is not read (the load then fails, the check does not)."""
+    root = _tempdir(self)
+    cases = [("cifar10", "train", root, None), ("image_folder", "train", root, 8),
+             ("image_folder", "val", root, 8), ("digits", "validation", None, None),
+             ("digits", "train", None, 16), ("mnist", "train", root, 8)]
+    for case in cases:
+      with self.assertRaises((FileNotFoundError, ValueError)) as loading:
+        data.load_dataset(*case)
+      with self.assertRaises(type(loading.exception)) as checking:
+        data.check_dataset(*case)
+      self.assertEqual(str(checking.exception), str(loading.exception), case)
+    self.assertIsNone(data.check_dataset("digits", "heldout"))
+    _fake_cifar(root)
+    self.assertIsNone(data.check_dataset("cifar10", "test", root))
+    bad = os.path.join(root, "train", "cls", "bad.png")
+    os.makedirs(os.path.dirname(bad))
+    with open(bad, "wb") as f:
+      f.write(b"\x89PNG broken")
+    self.assertIsNone(data.check_dataset("image_folder", "train", root, 8))
+    with self.assertRaisesRegex(ValueError, "bad.png"):
+      data.load_dataset("image_folder", "train", root, 8)
+
+
 class BatchIteratorTest(absltest.TestCase):
 
   def test_resume_equals_uninterrupted(self):

@@ -138,6 +138,26 @@ class DiffusersImportTest(absltest.TestCase):
     np.testing.assert_array_equal(params["up_1_upsample"]["conv"]["bias"],
                                   state["up_blocks.2.upsamplers.0.conv.bias"])
 
+  def test_image_shape_checked_against_config(self):
+    """With the data's image shape given, a model whose sample_size / in_channels differ stops
+    with one ValueError naming both shapes (before its weights are read: a corrupt weights
+    file is not reached); the matching shape loads, and [H, W] sample sizes are read."""
+    model, _ = diffusers_import.load_diffusers_unet(self.ddpm_folder, (16, 16, 3))
+    self.assertEqual(model.ch, 32)
+    for shape in ((8, 8, 3), (16, 16, 1)):
+      with self.assertRaisesRegex(ValueError, r"takes 16×16 images with 3 channel.*sample_size="
+                                  rf"16, in_channels=3.*are {shape[0]}×{shape[1]}×{shape[2]}"):
+        diffusers_import.load_diffusers_unet(self.ddpm_folder, shape)
+    folder = os.path.join(self.root, "corrupt")
+    os.makedirs(folder)
+    shutil.copy(os.path.join(self.ddpm_folder, "config.json"), folder)
+    with open(os.path.join(folder, diffusers_import.WEIGHTS_NAME), "wb") as f:
+      f.write(b"\x00" * 100)
+    with self.assertRaisesRegex(ValueError, "takes 16×16"):
+      diffusers_import.load_diffusers_unet(folder, (32, 32, 3))
+    self.assertEqual(diffusers_import.image_shape_of_config(
+        {"sample_size": [24, 32], "in_channels": 1}), (24, 32, 1))
+
   def test_errors(self):
     """Missing files → FileNotFoundError; corrupt, unsupported or mismatched → ValueError."""
     folder = os.path.join(self.root, "errors")

@@ -9,16 +9,20 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 from unittest import mock
 
 from absl.testing import absltest
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from configs import cifar10_ddpm
 from configs import digits_ddpm
 from ddpm_ot_jax import checkpoints
 from ddpm_ot_jax import data
+from ddpm_ot_jax import samplers
+from ddpm_ot_jax import sde
 from ddpm_ot_jax.experiments import ddpm_training
 from ddpm_ot_jax.experiments import train_ddpm
 from ddpm_ot_jax.models import diffusers_import
@@ -35,8 +39,13 @@ def tiny_digits_config(num_steps: int = 6):
   config.training.update(dict(num_steps=num_steps, batch_size=16, warmup_steps=2,
                               log_every=2, checkpoint_every=3, sample_every=0))
   config.sampling.update(dict(num_steps=3, num_samples=16, batch_size=8, grid_size=16))
-  config.evaluate.classifier_steps = 20
+  config.evaluate.classifier_steps = 200  # ≈ 2 s; confident on real digits (≈ 0.98 recognized)
   return config
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
 
 
 class _Killed(Exception):
@@ -107,6 +116,48 @@ class TrainLoopTest(absltest.TestCase):
     self.assertEqual(again.steps_run, 0)
     self.assertTrue(_tree_equal(again.state, straight.state))
 
+  def test_kill_before_first_checkpoint_restarts_metrics(self):
+    """A run killed after the log line of step 2 but before its first checkpoint (step 3)
+    leaves metrics.jsonl = [2] and no checkpoint; started again it begins at step 0 and
+    metrics.jsonl is cut back to step 0 first, so it ends as [2, 4, 6] (no duplicate line)."""
+    config = tiny_digits_config(num_steps=6)
+    workdir = os.path.join(self.root, "early")
+    with self.assertRaises(_Killed):
+      ddpm_training.train_ddpm(config, workdir, self.dataset,
+                               batches=_killed_at(self.dataset, config, 2))
+    self.assertEqual(_metrics_steps(workdir), [2])
+    with checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+      self.assertEqual(ckpt.all_steps(), [])
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+      f.write('{"step": 4, "lo')  # and a line cut short by the kill
+    restarted = ddpm_training.train_ddpm(config, workdir, self.dataset)
+    self.assertEqual((restarted.start_step, restarted.steps_run), (0, 6))
+    self.assertEqual(_metrics_steps(workdir), [2, 4, 6])
+
+  def test_loss_mean_is_the_window_mean_when_the_host_reads_rarely(self):
+    """With the accelerator schedule of host reads (every log_every = 2 steps and at the
+    checkpoints, steps 3 and 6), loss_mean of each record is the mean of the per-step losses
+    of its window — taken from a run that logs every step — although the host read only some
+    of them (the device sums the rest); `loss` is the last step's."""
+    per_step_config = tiny_digits_config(num_steps=6)
+    per_step_config.training.log_every = 1
+    ddpm_training.train_ddpm(per_step_config, os.path.join(self.root, "every"), self.dataset)
+    losses = {r["step"]: r["loss"] for r in _metrics(os.path.join(self.root, "every"))}
+    self.assertEqual(sorted(losses), [1, 2, 3, 4, 5, 6])
+
+    workdir = os.path.join(self.root, "rare")
+    with mock.patch.object(ddpm_training, "check_interval", return_value=2) as interval:
+      ddpm_training.train_ddpm(tiny_digits_config(num_steps=6), workdir, self.dataset)
+    interval.assert_called_once_with(2)
+    records = _metrics(workdir)
+    self.assertEqual([r["step"] for r in records], [2, 4, 6])
+    for record in records:
+      step = record["step"]
+      self.assertAlmostEqual(record["loss"], losses[step], places=6)
+      expected = (losses[step - 1] + losses[step]) / 2
+      self.assertAlmostEqual(record["loss_mean"], expected, delta=1e-6 * expected)
+      self.assertGreater(abs(record["loss_mean"] - record["loss"]), 1e-4)  # not one step's
+
   def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(self):
     """NaN images from batch 4 on: training stops at step 5 with NonFiniteLossError (a
     ValueError) that names the step and the kept checkpoint; the newest checkpoint is the
@@ -131,17 +182,32 @@ class TrainLoopTest(absltest.TestCase):
 
   def test_digits_experiment_end_to_end(self):
     """train_ddpm.run with the digits config at a tiny size: results.json keys with sane
-    values, the sample grid PNG, samples in [−1, 1], metrics.jsonl and checkpoints."""
+    values, the sample grid PNG, samples in [−1, 1], metrics.jsonl and checkpoints. The exact
+    parameter count ("UNet: 10,593 parameters", equal to results' params) is logged before the
+    first training step. The classifier recognizes real held-out digits (≥ 0.9) but not the
+    samples of a 4-step model (≤ 0.25): the metric separates digits from noise. Every
+    sampler call (grid and final) runs on the discrete chain's view (loss_type 'discrete')."""
     config = tiny_digits_config(num_steps=4)
     config.training.sample_every = 4
     config.training.update(dict(grid_samples=8, grid_sampler_steps=3))  # = final sampling
     workdir = os.path.join(self.root, "digits")
-    results = train_ddpm.run(config, workdir)
+    with self.assertLogs("absl", "INFO") as logs, \
+         mock.patch.object(samplers, "sample", wraps=samplers.sample) as sample:
+      results = train_ddpm.run(config, workdir)
+    messages = [r.getMessage() for r in logs.records]
+    count_line = next(i for i, m in enumerate(messages) if m.endswith(" parameters"))
+    self.assertEqual(messages[count_line], f"UNet: {results['params']:,} parameters")
+    first_step = next(i for i, m in enumerate(messages) if m.startswith("step 2/4"))
+    self.assertLess(count_line, first_step)
+    self.assertGreaterEqual(sample.call_count, 3)  # one grid + two chunks of final samples
+    for call in sample.call_args_list:
+      self.assertEqual(call.args[2], samplers.noise_schedule(sde.DiscreteSchedule()))
     for key in ("recognized_fraction", "classifier_accuracy", "params", "train_seconds",
                 "images_per_second", "sampling_nfe", "samples_per_second"):
       self.assertIn(key, results)
-    self.assertBetween(results["recognized_fraction"], 0.0, 1.0)
-    self.assertGreater(results["classifier_accuracy"], 0.2)  # 20 steps: better than chance
+    self.assertGreaterEqual(results["recognized_fraction_heldout"], 0.9)
+    self.assertLessEqual(results["recognized_fraction"], 0.25)
+    self.assertGreater(results["classifier_accuracy"], 0.9)
     self.assertEqual(results["train_steps"], 4)
     self.assertEqual(results["sampling_nfe"], 3)
     self.assertGreater(results["params"], 1000)
@@ -164,8 +230,8 @@ class TrainLoopTest(absltest.TestCase):
     config.model.dropout = 0.3
     with mock.patch.object(diffusers_import, "load_diffusers_unet",
                            return_value=(imported_model, imported)) as loader:
-      model, params = train_ddpm._load_model(config)  # pylint: disable=protected-access
-    loader.assert_called_once_with("/weights/ddpm")
+      model, params = train_ddpm.model_from_config(config)
+    loader.assert_called_once_with("/weights/ddpm", None)
     self.assertEqual(model.dropout, 0.3)
     self.assertEqual(model.ch, TINY_MODEL["ch"])
     result = ddpm_training.train_ddpm(config, os.path.join(self.root, "ft"), self.dataset,
@@ -175,6 +241,138 @@ class TrainLoopTest(absltest.TestCase):
     self.assertTrue(_tree_equal(result.state.ema_params, imported))
     self.assertTrue(all(not np.any(np.asarray(m)) for m in
                         jax.tree.leaves(result.state.opt_state[1][0].mu)))
+
+
+  def test_init_from_diffusers_with_other_image_shape_stops_before_training(self):
+    """Weights whose config.json says 32×32×3 (google/ddpm-cifar10-32) with the 8×8×1 digits:
+    one ValueError naming both shapes, raised before the weights are read (a placeholder
+    file) and before any training (no checkpoint folder)."""
+    folder = os.path.join(self.root, "ddpm-cifar10-32")
+    os.makedirs(folder)
+    with open(os.path.join(folder, diffusers_import.CONFIG_NAME), "w") as f:
+      json.dump(diffusers_import.DDPM_CIFAR10_CONFIG, f)
+    with open(os.path.join(folder, diffusers_import.WEIGHTS_NAME), "wb") as f:
+      f.write(b"placeholder")
+    config = tiny_digits_config(num_steps=2)
+    config.training.init_from_diffusers = folder
+    workdir = os.path.join(self.root, "mismatch")
+    with self.assertRaisesRegex(ValueError, r"takes 32×32 images with 3 channel.*are 8×8×1"):
+      train_ddpm.run(config, workdir)
+    self.assertFalse(os.path.exists(os.path.join(workdir, "checkpoints")))
+
+  def test_continuous_loss_samples_on_the_continuous_view(self):
+    """training.loss_type='continuous': the grid and the final samples are drawn on
+    ContinuousTimeSchedule(linear SDE of the chain) — the noise levels ε_θ was trained on —
+    and TrainResult exposes that view beside the DDPM DiscreteSchedule."""
+    config = tiny_digits_config(num_steps=2)
+    config.training.update(dict(loss_type="continuous", sample_every=2, grid_samples=4,
+                                grid_sampler_steps=2, log_every=1))
+    config.sampling.update(dict(num_samples=4, batch_size=4, num_steps=2))
+    config.evaluate.classifier = False
+    expected = samplers.ContinuousTimeSchedule(sde.DiscreteSchedule().continuous_schedule(),
+                                               1000)
+    with mock.patch.object(samplers, "sample", wraps=samplers.sample) as sample:
+      results = train_ddpm.run(config, os.path.join(self.root, "continuous"))
+    self.assertEqual(sample.call_count, 2)
+    for call in sample.call_args_list:
+      self.assertEqual(call.args[2], expected)
+    self.assertEqual(results["sampling_nfe"], 2)
+    self.assertEqual(ddpm_training.sampling_schedule(config), expected)
+
+  def test_bad_sampling_config_stops_before_training(self):
+    """sampling.order 4 or an unknown sampling.variant / sampler stops with a ValueError naming
+    the key before any training (no checkpoint folder in the workdir)."""
+    for key, value, pattern in (("order", 4, "sampling.order"),
+                                ("variant", "dpmsolver+", "sampling.variant"),
+                                ("sampler", "euler", "sampling.sampler")):
+      config = tiny_digits_config(num_steps=2)
+      config.sampling.sampler = "dpm_solver"
+      config.sampling[key] = value
+      workdir = os.path.join(self.root, f"bad_{key}")
+      with self.assertRaisesRegex(ValueError, pattern):
+        train_ddpm.run(config, workdir)
+      self.assertFalse(os.path.exists(os.path.join(workdir, "checkpoints")))
+
+
+def _noisy_tiny_unet(num_classes: int = 0):
+  """The tiny UNet with every parameter perturbed, so that ε_θ is far from 0 (the fresh
+  init's zero output layer would make every sampler trivial)."""
+  model = unet.UNet(**{**TINY_MODEL, "dropout": 0.0, "num_classes": num_classes})
+  y = jnp.zeros((1,), jnp.int32) if num_classes else None
+  params = model.init(jax.random.PRNGKey(3), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)), y)["params"]
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(4), len(leaves))
+  leaves = [p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+  return model, jax.tree.unflatten(tree, leaves)
+
+
+class SampleImagesTest(absltest.TestCase):
+
+  def test_ddpm_takes_all_steps_and_dpm_solver_settings_pass_through(self):
+    """sampler='ddpm' with the config default num_steps=50 runs all 1000 steps (NFE 1000)
+    instead of failing; 'dpm_solver' passes order and variant to the solver (called with
+    order=2, variant='dpmsolver'), which changes the samples against order 3."""
+    model, params = _noisy_tiny_unet()
+    view = samplers.noise_schedule(sde.DiscreteSchedule())
+    key = jax.random.PRNGKey(5)
+    ddpm = ddpm_training.sample_images(model, params, view, key, 2, (8, 8, 1), "ddpm", 50)
+    self.assertEqual(ddpm.nfe, 1000)
+    self.assertTrue(np.all(np.isfinite(ddpm.images)))
+    with mock.patch.object(samplers, "dpm_solver", wraps=samplers.dpm_solver) as solver:
+      second = ddpm_training.sample_images(model, params, view, key, 4, (8, 8, 1), "dpm_solver",
+                                           6, order=2, variant="dpmsolver")
+    self.assertEqual(solver.call_args.kwargs["order"], 2)
+    self.assertEqual(solver.call_args.kwargs["variant"], "dpmsolver")
+    self.assertEqual(second.nfe, 6)
+    third = ddpm_training.sample_images(model, params, view, key, 4, (8, 8, 1), "dpm_solver", 6,
+                                        order=3, variant="dpmsolver")
+    self.assertGreater(np.max(np.abs(second.images - third.images)), 1e-4)
+
+
+_PADDED_SAMPLING_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+    import jax, numpy as np
+    from ddpm_ot_jax import samplers, sde, train
+    from ddpm_ot_jax.experiments import ddpm_training
+    import train_ddpm_test
+    assert jax.device_count() == 4
+    model, params = train_ddpm_test._noisy_tiny_unet(num_classes=3)
+    mesh = train.make_data_mesh()
+    params = jax.device_put(params, train.replicated(mesh))
+    view = samplers.noise_schedule(sde.DiscreteSchedule())
+    seen = []  # (rows, devices) of every x_start the sampler is given
+    original = samplers.sample
+    def recording(method, eps_fn, schedule, x, **kwargs):
+      seen.append((x.shape[0], len(x.sharding.device_set)))
+      return original(method, eps_fn, schedule, x, **kwargs)
+    run = lambda mesh: ddpm_training.sample_images(
+        model, params, view, jax.random.PRNGKey(6), 7, (8, 8, 1), "ddim", 3, batch_size=5,
+        mesh=mesh)
+    samplers.sample = recording
+    sharded = run(mesh)
+    samplers.sample = original
+    single = run(None)
+    assert sharded.images.shape == (7, 8, 8, 1), sharded.images.shape
+    assert seen == [(8, 4), (4, 4)], seen  # chunks of 5 and 2 padded to 8 and 4, on 4 devices
+    np.testing.assert_allclose(sharded.images, single.images, atol=1e-5)
+    assert np.max(np.abs(single.images[:5] - single.images[5:6])) > 1e-3
+    print("OK")
+""")
+
+
+class PaddedShardedSamplingTest(absltest.TestCase):
+
+  def test_chunks_that_do_not_split_run_padded_and_sharded(self):
+    """On 4 virtual CPU devices, 7 class-conditional samples in chunks of 5: each chunk is
+    padded (to 8 and 4 rows) and runs on all 4 devices, the pad is dropped (7 images), and
+    the images equal those of an unsharded run (DDIM is per-row, 1e-5)."""
+    script = _PADDED_SAMPLING_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn("OK", proc.stdout)
 
 
 def _write_fake_cifar(root: str, per_batch: int = 4) -> None:

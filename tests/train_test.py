@@ -1,5 +1,7 @@
 """Tests for ddpm_ot_jax.train: the ε-prediction loss, optimizer, EMA and the jitted step."""
 import functools
+import types
+from unittest import mock
 
 from absl.testing import absltest
 import jax
@@ -7,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_ot_jax import data
+from ddpm_ot_jax import samplers
 from ddpm_ot_jax import sde
 from ddpm_ot_jax import train
 from ddpm_ot_jax.models import unet
@@ -80,6 +83,34 @@ class LossTest(absltest.TestCase):
                                   jax.random.PRNGKey(4), x0, None, loss_type)
       self.assertLess(float(loss), 1e-6, loss_type)
 
+  def test_sampling_view_reproduces_training_noise_levels(self):
+    """For both losses, the samplers' view `noise_schedule(schedule, loss_type)` gives at the
+    network index i the (α, σ) the loss noised with: α = x_t(x0=1) − x_t(x0=0) and
+    σ = x_t(x0=0)/ε with the same key (1e-5). The other loss's view is off by > 1e-3 in α or σ
+    somewhere, so the sampler must follow loss_type."""
+    zeros, ones = jnp.zeros((512, 1, 1, 1)), jnp.ones((512, 1, 1, 1))
+    levels = {}
+    for loss_type in train.LOSS_TYPES:
+      key = jax.random.PRNGKey(7)
+      x_zero, noise, net_time = train.noise_and_time(SCHEDULE, key, zeros, loss_type)
+      x_one, _, _ = train.noise_and_time(SCHEDULE, key, ones, loss_type)
+      alpha = np.asarray(x_one - x_zero).ravel()
+      sigma = np.asarray(x_zero / noise).ravel()
+      levels[loss_type] = (net_time, alpha, sigma)
+    for loss_type, (net_time, alpha, sigma) in levels.items():
+      for view_type in train.LOSS_TYPES:
+        view = samplers.noise_schedule(SCHEDULE, view_type)
+        log_alpha, view_sigma = samplers.log_alpha_std(view, samplers.time_of_index(view,
+                                                                                    net_time))
+        gap = max(np.max(np.abs(np.exp(np.asarray(log_alpha)) - alpha)),
+                  np.max(np.abs(np.asarray(view_sigma) - sigma)))
+        if view_type == loss_type:
+          self.assertLess(gap, 1e-5, loss_type)
+        else:
+          self.assertGreater(gap, 1e-3, (loss_type, view_type))
+    self.assertIsInstance(samplers.noise_schedule(SCHEDULE, "continuous"),
+                          samplers.ContinuousTimeSchedule)
+
   def test_ema_update_closed_form(self):
     """θ_ema ← ρ θ_ema + (1 − ρ) θ, leaf by leaf; ρ = 0 copies θ."""
     ema, params = {"a": jnp.array([1.0, 2.0])}, {"a": jnp.array([3.0, -2.0])}
@@ -120,6 +151,24 @@ class OptimizerTest(absltest.TestCase):
     for kwargs in (dict(loss_type="l1"), dict(lr=0.0), dict(ema_decay=1.0)):
       with self.assertRaises(ValueError):
         train.TrainHparams(**kwargs)
+
+
+class BatchSizeTest(absltest.TestCase):
+
+  def test_message_names_the_failing_split(self):
+    """A batch that does not split over the mesh's devices names the devices; one that splits
+    over the devices but not over the processes (hosts) names the processes; both give the
+    least common multiple to use; a batch that splits both ways passes."""
+    four_devices = types.SimpleNamespace(devices=np.empty(4, object))
+    with self.assertRaisesRegex(ValueError, r"across the 4 devices.*multiple of 4\."):
+      train.check_batch_size(6, four_devices)
+    with mock.patch.object(jax, "process_count", return_value=3):
+      with self.assertRaisesRegex(ValueError, r"across the 3 processes \(hosts\).*multiple of "
+                                  r"12\.") as caught:
+        train.check_batch_size(8, four_devices)
+      self.assertNotIn("devices", str(caught.exception))
+      train.check_batch_size(24, four_devices)
+    train.check_batch_size(8, four_devices)
 
 
 class TrainStepTest(absltest.TestCase):

@@ -10,8 +10,16 @@
 * stops on a non-finite loss or parameters with `NonFiniteLossError`, never writing a
   checkpoint of a diverged state, so the last good checkpoint stays the newest;
 * logs step, loss, steps/s and ETA every `training.log_every` steps, appends the same to
-  <workdir>/metrics.jsonl (lines past the resumed step are dropped on resume), and writes a
-  grid of EMA samples to <workdir>/grids/step_<k>.png every `training.sample_every` steps.
+  <workdir>/metrics.jsonl, and writes a grid of EMA samples to <workdir>/grids/step_<k>.png
+  every `training.sample_every` steps. On every start metrics.jsonl is cut back to the step
+  the run starts from (the checkpoint's, or 0 without one), so lines a killed run wrote
+  after its last checkpoint are not repeated. Each record has `loss` (the last step's) and
+  `loss_mean` = (1/W) Σ loss over the W steps since the previous record, summed on the device
+  (no per-step host sync on accelerators).
+
+Sampling (grids here, final samples in train_ddpm) runs on the continuous-time view that
+matches training.loss_type (`sampling_schedule`: `samplers.noise_schedule(schedule,
+loss_type)`); `TrainResult.schedule` stays the DDPM DiscreteSchedule (ᾱ_i tables).
 
 Config fields read (see configs/digits_ddpm.py for the documented defaults): seed; data.flip;
 model.* (UNet fields); diffusion.{num_steps, beta_start, beta_end}; training.{num_steps,
@@ -63,6 +71,8 @@ class TrainResult:
   """What `train_ddpm` hands back.
 
   state: the final TrainState (replicated over `mesh`).
+  schedule: the DDPM discretization (ᾱ_i); sampling_schedule: the samplers' view of it that
+    matches training.loss_type (pass this one to `samplers`).
   start_step: the step this process started from (0, or a resumed checkpoint's step).
   steps_run: optimizer steps taken by this process.
   train_seconds: wall time of those steps (compilation, checkpoints and grids included).
@@ -74,6 +84,7 @@ class TrainResult:
   state: train.TrainState
   model: flax.linen.Module
   schedule: sde.DiscreteSchedule
+  sampling_schedule: samplers.NoiseSchedule
   mesh: jax.sharding.Mesh
   start_step: int
   steps_run: int
@@ -87,13 +98,22 @@ class TrainResult:
 
 
 def schedule_from_config(config: ml_collections.ConfigDict) -> sde.DiscreteSchedule:
+  """DDPM's N-step schedule from config.diffusion.{num_steps, beta_start, beta_end}."""
   d = config.diffusion
   return sde.DiscreteSchedule(num_steps=d.num_steps, beta_start=d.beta_start,
                               beta_end=d.beta_end)
 
 
+def sampling_schedule(config: ml_collections.ConfigDict) -> samplers.NoiseSchedule:
+  """The samplers' continuous-time view for a network trained with this config:
+  `samplers.noise_schedule(schedule_from_config(config), training.loss_type)`."""
+  return samplers.noise_schedule(schedule_from_config(config),
+                                 config.training.get("loss_type", "discrete"))
+
+
 def hparams_from_config(config: ml_collections.ConfigDict,
                         model: flax.linen.Module) -> train.TrainHparams:
+  """train.TrainHparams from config.training; class-conditional when the model has classes."""
   t = config.training
   return train.TrainHparams(
       lr=t.lr, warmup_steps=t.warmup_steps, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
@@ -119,19 +139,56 @@ class Samples:
   images_per_second: float
 
 
-def sample_images(model: flax.linen.Module, params: Any, schedule: sde.DiscreteSchedule,
+def shard_rows(x: np.ndarray | jax.Array, mesh: jax.sharding.Mesh | None) -> jax.Array:
+  """x (n, ...) as one array split along the 'data' axis of `mesh` (as is without a mesh).
+
+  When n is not a multiple of the D devices, rows are appended by wrapping around (row
+  n + j is a copy of row j mod n) up to the next multiple of D, so the batch always runs
+  sharded; `gather_rows(result, n)` drops them again. On several hosts every process must
+  pass the same x (each contributes its own rows, `train.global_batch`).
+  """
+  if mesh is None:
+    return jnp.asarray(x)
+  x = np.asarray(x)
+  n, d = x.shape[0], int(mesh.devices.size)
+  padded = -(-n // d) * d
+  if padded != n:
+    x = np.take(x, np.arange(padded) % n, axis=0)
+  return train.global_batch(mesh, x)
+
+
+def gather_rows(x: jax.Array, count: int) -> np.ndarray:
+  """The first `count` rows of a (possibly sharded, possibly multi-host) array, on the host:
+  the inverse of `shard_rows`."""
+  if jax.process_count() > 1 and not x.is_fully_addressable:
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)[:count]
+
+
+def sample_images(model: flax.linen.Module, params: Any,
+                  schedule: sde.DiscreteSchedule | samplers.NoiseSchedule,
                   key: jax.Array, num_images: int, image_shape: tuple[int, ...],
                   sampler: str = "ddim", num_steps: int | None = 50, eta: float = 0.0,
                   batch_size: int | None = None,
-                  mesh: jax.sharding.Mesh | None = None) -> Samples:
+                  mesh: jax.sharding.Mesh | None = None, *, order: int = 3,
+                  variant: str = "dpmsolver++") -> Samples:
   """Draws `num_images` images from ε_θ with `samplers.sample` in chunks of `batch_size`.
 
-  Chunk k starts from x_T ~ N(0, I) drawn with fold_in(key, k) and is split along the 'data'
-  axis of `mesh` when its size divides evenly; class-conditional models get labels
-  0, 1, …, K−1, 0, … in order.
+  schedule: the samplers' view matching how ε_θ was trained (`sampling_schedule`; a
+  DiscreteSchedule means loss_type 'discrete'). Chunk k starts from x_T ~ N(0, I) drawn with
+  fold_in(key, k) and runs split along the 'data' axis of `mesh` (padded to a multiple of
+  the device count, `shard_rows`); class-conditional models get labels 0, 1, …, K−1, 0, …
+  in order. sampler: 'ddpm' (every step from N − 1: N network calls, `num_steps` is not
+  used), 'ddim' (num_steps calls, η = eta), 'dpm_solver' (num_steps calls, multistep
+  DPM-Solver of `order` 1–3, `variant` 'dpmsolver++' (data prediction) or 'dpmsolver'
+  (noise prediction)) or 'pf_ode' (adaptive).
   """
   batch_size = min(batch_size or num_images, num_images)
   labels = class_labels(model, num_images)
+  if sampler == "ddpm":
+    num_steps = None  # ancestral sampling takes all N steps
+  kwargs = {"ddim": {"eta": eta}, "dpm_solver": {"order": order, "variant": variant}}.get(
+      sampler, {})
   chunks, nfe = [], 0
   start_time = time.perf_counter()
   steady_start, steady_images = None, 0
@@ -139,17 +196,12 @@ def sample_images(model: flax.linen.Module, params: Any, schedule: sde.DiscreteS
     count = min(batch_size, num_images - start)
     key_noise, key_sampler = jax.random.split(jax.random.fold_in(key, k))
     x_start = jax.random.normal(key_noise, (count,) + tuple(image_shape), jnp.float32)
-    if mesh is not None and count % mesh.devices.size == 0:
-      x_start = jax.device_put(x_start, train.batch_sharded(mesh))
-    y = None if labels is None else labels[start:start + count]
+    x_start = shard_rows(x_start, mesh)
+    y = None if labels is None else shard_rows(labels[start:start + count], mesh)
     eps_fn = samplers.model_eps_fn(model.apply, params, y)
-    kwargs = {"eta": eta} if sampler == "ddim" else {}
     result = samplers.sample(sampler, eps_fn, schedule, x_start, key=key_sampler,
                              num_steps=num_steps, **kwargs)
-    x = jnp.clip(result.x, -1.0, 1.0)
-    if jax.process_count() > 1:  # gather the rows held by the other hosts
-      x = multihost_utils.process_allgather(x, tiled=True)
-    chunks.append(np.asarray(x))
+    chunks.append(gather_rows(jnp.clip(result.x, -1.0, 1.0), count))
     nfe = int(result.nfe)
     if k == 0:
       steady_start = time.perf_counter()
@@ -180,12 +232,11 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
 def save_image_grid(images: np.ndarray, path: str, title: str = "",
                     columns: int | None = None) -> None:
   """Writes `image_grid(images)` as a PNG (grey colormap for one channel), atomically."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
   grid = image_grid(np.asarray(images), columns)
-  fig, ax = plt.subplots(figsize=(6, 6 * grid.shape[0] / grid.shape[1] + (0.3 if title else 0)))
+  fig = Figure(figsize=(6, 6 * grid.shape[0] / grid.shape[1] + (0.3 if title else 0)))
+  ax = fig.subplots()
   if grid.shape[-1] == 1:
     ax.imshow(grid[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
   else:
@@ -223,6 +274,12 @@ def _host_init_fn(model: flax.linen.Module, hparams: train.TrainHparams,
                   image_shape: tuple[int, ...]):
   tx = train.make_optimizer(hparams)
   return jax.jit(lambda key, rng: train.init_train_state(key, model, image_shape, tx, rng))
+
+
+def check_interval(log_every: int) -> int:
+  """Steps between host reads of the loss: 1 on CPU (each step is waited on anyway: sharded
+  all-reduces can time out otherwise), else `log_every` (no per-step host sync)."""
+  return 1 if jax.default_backend() == "cpu" else max(1, int(log_every))
 
 
 def _devices(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -317,12 +374,12 @@ def train_ddpm(config: ml_collections.ConfigDict, workdir: str, dataset: data.Im
     if last_good is not None:
       state = checkpointer.restore(state, last_good)
       logging.info("Resuming from the checkpoint at step %d in %s.", last_good, ckpt_dir)
-      if jax.process_index() == 0:
-        _truncate_metrics(metrics_path, last_good)
     start_step = int(jax.device_get(state.step))
     if start_step > num_steps:
       raise ValueError(f"the checkpoint in {ckpt_dir} is at step {start_step}, past "
                        f"training.num_steps={num_steps}; raise num_steps or use a new workdir.")
+    if jax.process_index() == 0:  # lines past the start were written by a killed run
+      _truncate_metrics(metrics_path, start_step)
 
     if batches is None:
       batches = lambda start: data.batch_iterator(  # noqa: E731
@@ -331,14 +388,17 @@ def train_ddpm(config: ml_collections.ConfigDict, workdir: str, dataset: data.Im
     iterator = batches(start_step)
     # CPU: wait on every step (sharded all-reduces can time out otherwise) and check the loss
     # each step; accelerators: check every log_every steps and before each checkpoint.
-    check_every = 1 if jax.default_backend() == "cpu" else max(1, tc.log_every)
+    check_every = check_interval(tc.log_every)
+    sample_view = sampling_schedule(config)
     grid_key = jax.random.fold_in(base_key, GRID_STREAM)
 
     is_chief = jax.process_index() == 0  # one host writes metrics and grids
     loss = float("nan")
     loop_start = time.perf_counter()
     steady_start, steady_images, excluded_seconds = None, 0, 0.0
-    window_start, window_step, window_losses = loop_start, start_step, []
+    # The window's losses: host sums of the device-side partial sums read so far, and the
+    # device sum of the steps since the last read (added without waiting on the device).
+    window_start, window_step, window_sums, pending_loss = loop_start, start_step, [], None
     if start_step < num_steps:
       logging.info("Training %s steps %d → %d, batch %d on %d device(s), %d parameters.",
                    type(model).__name__, start_step, num_steps, tc.batch_size,
@@ -348,6 +408,8 @@ def train_ddpm(config: ml_collections.ConfigDict, workdir: str, dataset: data.Im
       state, metrics = step_fn(state, train.global_batch(mesh, images),
                                train.global_batch(mesh, labels))
       done = step + 1
+      pending_loss = (metrics["loss"] if pending_loss is None
+                      else pending_loss + metrics["loss"])
       if done == start_step + 1:  # the first step compiles; time the rest
         jax.block_until_ready(state)
         steady_start = time.perf_counter()
@@ -358,14 +420,16 @@ def train_ddpm(config: ml_collections.ConfigDict, workdir: str, dataset: data.Im
       if done % check_every == 0 or is_log or is_ckpt:
         host_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         loss = host_metrics["loss"]
-        window_losses.append(loss)
-        if not math.isfinite(loss):
+        window_sums.append(float(jax.device_get(pending_loss)))
+        pending_loss = None
+        if not (math.isfinite(loss) and math.isfinite(window_sums[-1])):
           raise NonFiniteLossError(_nonfinite_message(done, "loss", last_good, ckpt_dir))
       if is_log:
         now = time.perf_counter()
         steps_per_second = (done - window_step) / max(now - window_start, 1e-9)
-        loss_mean, num_losses = float(np.mean(window_losses)), len(window_losses)
-        window_start, window_step, window_losses = now, done, []
+        num_losses = done - window_step
+        loss_mean = float(np.sum(window_sums) / num_losses)
+        window_start, window_step, window_sums = now, done, []
         eta = (num_steps - done) / max(steps_per_second, 1e-9)
         record = dict(step=done, **host_metrics, loss_mean=loss_mean,
                       steps_per_second=steps_per_second,
@@ -383,7 +447,7 @@ def train_ddpm(config: ml_collections.ConfigDict, workdir: str, dataset: data.Im
         last_good = done
       if tc.get("sample_every", 0) and done % tc.sample_every == 0:
         grid_start = time.perf_counter()
-        grid = sample_images(model, state.ema_params, schedule,
+        grid = sample_images(model, state.ema_params, sample_view,
                              jax.random.fold_in(grid_key, done), tc.grid_samples, image_shape,
                              "ddim", tc.grid_sampler_steps, mesh=mesh)
         if is_chief:
@@ -400,7 +464,8 @@ def train_ddpm(config: ml_collections.ConfigDict, workdir: str, dataset: data.Im
   steady_seconds = (loop_end - steady_start - excluded_seconds
                     if steady_start is not None else 0.0)
   return TrainResult(
-      state=state, model=model, schedule=schedule, mesh=mesh, start_step=start_step,
+      state=state, model=model, schedule=schedule,
+      sampling_schedule=sampling_schedule(config), mesh=mesh, start_step=start_step,
       steps_run=steps_run, train_seconds=loop_end - loop_start,
       images_per_second=steady_images / steady_seconds if steady_seconds > 0 else float("nan"),
       final_loss=loss)

@@ -7,10 +7,17 @@ CIFAR-10 setup). Stages:
 1. Data: `data.load_dataset(data.name, 'train', data.root, data.resolution)`.
 2. Model: `unet_from_config(config.model)`, or the architecture and weights of a diffusers
    UNet2DModel when `training.init_from_diffusers` names one (fine-tuning the published
-   google/ddpm-cifar10-32 model instead of training for days).
+   google/ddpm-cifar10-32 model instead of training for days; its sample_size and
+   in_channels must match the data's images). Its exact parameter count is logged at once.
 3. Training with `ddpm_training.train_ddpm` (resumes from <workdir>/checkpoints).
-4. `sampling.num_samples` samples with `sampling.sampler` (DDIM by default) from the EMA
-   parameters; grid <workdir>/samples.png and <workdir>/samples.npz.
+4. `sampling.num_samples` samples from the EMA parameters with `sampling.sampler`: 'ddim'
+   (default; sampling.num_steps network calls, η = sampling.eta), 'dpm_solver'
+   (sampling.num_steps calls, multistep of sampling.order 1–3, sampling.variant
+   'dpmsolver++' or 'dpmsolver'), 'ddpm' (ancestral, all diffusion.num_steps steps;
+   sampling.num_steps is not used) or 'pf_ode' (adaptive). They run on the continuous-time
+   view matching training.loss_type (`ddpm_training.sampling_schedule`). Grid
+   <workdir>/samples.png and <workdir>/samples.npz. The sampling settings are checked before
+   training starts.
 5. With `evaluate.classifier` (digits): a classifier trained on the training split scores
    the samples. recognized_fraction = share of samples whose top class probability is
    ≥ `evaluate.threshold`; classifier_accuracy = its accuracy on the held-out split.
@@ -25,31 +32,74 @@ init_from_diffusers (a restarted fine-tuning run resumes).
 from __future__ import annotations
 
 import os
+from typing import Any
 
+import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
 from ddpm_ot_jax import data
+from ddpm_ot_jax import samplers
 from ddpm_ot_jax import train
 from ddpm_ot_jax.experiments import common
 from ddpm_ot_jax.experiments import ddpm_training
+from ddpm_ot_jax.models import unet
+
+DPM_SOLVER_VARIANTS = ("dpmsolver++", "dpmsolver")
 
 
-def _load_model(config: ml_collections.ConfigDict):
-  """(model, init_params): from config.model, or from diffusers weights when configured."""
+def check_sampling(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the config key when config.sampling cannot be run (checked
+  before training, not after it)."""
+  sc = config.sampling
+  if sc.sampler not in samplers.SAMPLERS:
+    raise ValueError(f"sampling.sampler={sc.sampler!r} is not one of {samplers.SAMPLERS}.")
+  if sc.sampler in ("ddim", "dpm_solver") and not (
+      isinstance(sc.num_steps, int) and sc.num_steps >= 1):
+    raise ValueError(f"sampling.num_steps must be a positive int for sampler "
+                     f"{sc.sampler!r}, got {sc.num_steps!r}.")
+  if sc.sampler == "dpm_solver":
+    if sc.get("order", 3) not in (1, 2, 3):
+      raise ValueError(f"sampling.order must be 1, 2 or 3 (DPM-Solver's multistep order), "
+                       f"got {sc.order!r}.")
+    if sc.get("variant", "dpmsolver++") not in DPM_SOLVER_VARIANTS:
+      raise ValueError(f"sampling.variant must be one of {DPM_SOLVER_VARIANTS}, got "
+                       f"{sc.variant!r}.")
+  if sc.num_samples < 1:
+    raise ValueError(f"sampling.num_samples must be ≥ 1, got {sc.num_samples}.")
+
+
+def model_from_config(config: ml_collections.ConfigDict,
+                      image_shape: tuple[int, int, int] | None = None
+                      ) -> tuple[flax.linen.Module, Any]:
+  """(model, init_params): from config.model (params None: a random init), or the
+  architecture and weights of diffusers weights when training.init_from_diffusers is set,
+  checked against the data's `image_shape` (H, W, C) when given."""
   path = config.training.get("init_from_diffusers", "")
   if not path:
-    return None, None
+    return unet.unet_from_config(config.model), None
   from ddpm_ot_jax.models import diffusers_import  # pylint: disable=g-import-not-at-top
 
-  model, params = diffusers_import.load_diffusers_unet(os.path.expanduser(path))
+  model, params = diffusers_import.load_diffusers_unet(os.path.expanduser(path), image_shape)
   if "dropout" in config.model:
     model = model.clone(dropout=config.model.dropout)
   logging.info("Starting from the diffusers weights in %s (architecture from its config.json; "
                "config.model is ignored except dropout).", path)
   return model, params
+
+
+def count_model_params(model: flax.linen.Module, image_shape: tuple[int, ...]) -> int:
+  """The exact number of scalars in `model`'s parameters for (H, W, C) images, from shapes
+  alone (`jax.eval_shape` of the init: nothing is computed or allocated)."""
+  y = jnp.zeros((1,), jnp.int32) if getattr(model, "num_classes", 0) > 0 else None
+  abstract = jax.eval_shape(lambda: model.init(
+      {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
+      jnp.zeros((1,) + tuple(image_shape), jnp.float32), jnp.zeros((1,), jnp.float32), y,
+      train=False))
+  return unet.count_params(abstract["params"])
 
 
 def _evaluate_with_classifier(config: ml_collections.ConfigDict, train_set: data.ImageDataset,
@@ -83,11 +133,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, samples and evaluates; returns the flat results dict (see the module docstring)."""
   if config.training.get("distributed", False):
     train.initialize_distributed()  # before anything asks jax for its devices
+  check_sampling(config)
   stopwatch = common.Stopwatch()
   dataset = _load(config, "train")
   logging.info("Loaded %s: %d training images of shape %s.", config.data.name, len(dataset),
                dataset.image_shape)
-  model, init_params = _load_model(config)
+  model, init_params = model_from_config(config, dataset.image_shape)
+  num_params = (unet.count_params(init_params) if init_params is not None
+                else count_model_params(model, dataset.image_shape))
+  logging.info("%s: %s parameters", type(model).__name__, f"{num_params:,}")
   result = ddpm_training.train_ddpm(config, workdir, dataset, model=model,
                                     init_params=init_params)
   logging.info("Trained %d steps in %.1f s (%.1f images/s); final loss %.5f.",
@@ -95,10 +149,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                result.final_loss)
 
   sc = config.sampling
+  if sc.sampler == "ddpm" and sc.num_steps != result.schedule.num_steps:
+    logging.info("sampler='ddpm' runs all %d steps (sampling.num_steps=%s is not used).",
+                 result.schedule.num_steps, sc.num_steps)
   sample_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), ddpm_training.SAMPLE_STREAM)
   samples = ddpm_training.sample_images(
-      result.model, result.state.ema_params, result.schedule, sample_key, sc.num_samples,
-      dataset.image_shape, sc.sampler, sc.num_steps, sc.eta, sc.batch_size, result.mesh)
+      result.model, result.state.ema_params, result.sampling_schedule, sample_key,
+      sc.num_samples, dataset.image_shape, sc.sampler, sc.num_steps, sc.eta, sc.batch_size,
+      result.mesh, order=sc.get("order", 3), variant=sc.get("variant", "dpmsolver++"))
   nfe = samples.nfe
   title = f"{config.data.name}: {sc.sampler}, {nfe} NFE, step {int(result.state.step)}"
   ddpm_training.save_image_grid(samples.images[:sc.grid_size], os.path.join(workdir, "samples.png"),

@@ -223,14 +223,10 @@ def convert_diffusers_state_dict(state_dict: Mapping[str, np.ndarray], model: UN
   return flax.traverse_util.unflatten_dict(converted)
 
 
-def load_diffusers_unet(path: str) -> tuple[UNet, dict]:
-  """Reads a diffusers UNet2DModel (safetensors file, or the folder holding it + config.json).
-
-  Returns (model, params); evaluate ε_θ(x, t) as `model.apply({'params': params}, x, t)`
-  with x in NHWC and t the DDPM step index (0..999 for google/ddpm-cifar10-32).
-  Raises FileNotFoundError when a file is missing and ValueError when the checkpoint is
-  corrupt or uses an architecture our UNet cannot express.
-  """
+def diffusers_files(path: str) -> tuple[str, str]:
+  """(weights, config.json) of a diffusers UNet2DModel: `path` is the safetensors file or the
+  folder holding it. Raises FileNotFoundError (saying how to get the files) when either is
+  missing and ValueError when the weights are not a .safetensors file."""
   weights = os.path.join(path, WEIGHTS_NAME) if os.path.isdir(path) else path
   config_path = os.path.join(os.path.dirname(os.path.abspath(weights)), CONFIG_NAME)
   if not os.path.isfile(weights):
@@ -241,6 +237,13 @@ def load_diffusers_unet(path: str) -> tuple[UNet, dict]:
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"No {CONFIG_NAME} beside {weights} (looked for {config_path}). "
                             f"{_HOW_TO_GET}")
+  return weights, config_path
+
+
+def read_diffusers_config(path: str) -> dict[str, Any]:
+  """The config.json of the diffusers UNet2DModel at `path` (file or folder), checked to be
+  a UNet2DModel's; errors as in `diffusers_files`, ValueError for unreadable JSON."""
+  _, config_path = diffusers_files(path)
   try:
     with open(config_path) as f:
       config = json.load(f)
@@ -248,13 +251,52 @@ def load_diffusers_unet(path: str) -> tuple[UNet, dict]:
     raise ValueError(f"Cannot read {config_path} as JSON ({e}). {_HOW_TO_GET}") from e
   if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
     raise ValueError(f"{config_path} describes a {config['_class_name']}, not a UNet2DModel.")
+  if config.get("sample_size") is None:
+    raise ValueError(f"{config_path} has no sample_size; the attention levels need it.")
+  return config
+
+
+def image_shape_of_config(config: Mapping[str, Any]) -> tuple[int, int, int]:
+  """(H, W, C) of the images a UNet2DModel config was built for: sample_size (an int or
+  [H, W]) and in_channels (default 3)."""
+  size = config["sample_size"]
+  height, width = (size, size) if isinstance(size, int) else size
+  return int(height), int(width), int(config.get("in_channels", 3))
+
+
+def check_image_shape(config: Mapping[str, Any], image_shape: tuple[int, ...],
+                      where: str = "the diffusers model") -> None:
+  """Raises ValueError when `image_shape` (H, W, C) of the data is not what the model takes
+  (`image_shape_of_config`), naming both shapes and what to change."""
+  expected = image_shape_of_config(config)
+  if tuple(int(d) for d in image_shape) != expected:
+    raise ValueError(
+        f"{where} takes {expected[0]}×{expected[1]} images with {expected[2]} channel(s) "
+        f"(sample_size={config['sample_size']}, in_channels={config.get('in_channels', 3)} in "
+        f"its config.json), but the data's images are {image_shape[0]}×{image_shape[1]}×"
+        f"{image_shape[2]}. Use data of that shape (data.name / data.resolution) or weights "
+        "trained on this data.")
+
+
+def load_diffusers_unet(path: str,
+                        image_shape: tuple[int, int, int] | None = None) -> tuple[UNet, dict]:
+  """Reads a diffusers UNet2DModel (safetensors file, or the folder holding it + config.json).
+
+  Returns (model, params); evaluate ε_θ(x, t) as `model.apply({'params': params}, x, t)`
+  with x in NHWC and t the DDPM step index (0..999 for google/ddpm-cifar10-32).
+  image_shape: (H, W, C) of the data the model will see; when given it must equal the
+  model's (sample_size, in_channels), checked before the weights are read.
+  Raises FileNotFoundError when a file is missing and ValueError when the checkpoint is
+  corrupt, uses an architecture our UNet cannot express, or does not fit `image_shape`.
+  """
+  weights, _ = diffusers_files(path)
+  config = read_diffusers_config(path)
+  if image_shape is not None:
+    check_image_shape(config, image_shape, f"The diffusers model at {path}")
   try:
     state_dict = safetensors.numpy.load_file(weights)
   except Exception as e:  # safetensors raises its own error types for corrupt headers
     raise ValueError(f"Cannot read {weights} as safetensors ({e}). {_HOW_TO_GET}") from e
   model = unet_from_diffusers_config(config)
-  size = config["sample_size"]
-  height, width = (size, size) if isinstance(size, int) else size
-  params = convert_diffusers_state_dict(
-      state_dict, model, (int(height), int(width), int(config.get("in_channels", 3))))
+  params = convert_diffusers_state_dict(state_dict, model, image_shape_of_config(config))
   return model, params
