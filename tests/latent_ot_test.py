@@ -1,12 +1,13 @@
 """Tests of the latent-code OT experiment (Figure 7) on a tiny digits run, and its clear errors."""
+import json
 import os
 import pickle
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
-import jax
 import numpy as np
 import scipy.optimize
 
@@ -14,8 +15,9 @@ from configs import cifar10_latent_ot
 from configs import digits_latent_ot
 from ddpm_ot_jax import data
 from ddpm_ot_jax import ot
-from ddpm_ot_jax.experiments import common
 from ddpm_ot_jax.experiments import latent_ot
+
+import experiment_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KS = (8, 16)
@@ -44,25 +46,14 @@ def tiny_config():
   return config
 
 
-class LatentOtRunTest(absltest.TestCase):
+class LatentOtRunTest(experiment_case.ExperimentRunCase):
   """One tiny run of `latent_ot.run` shared by the tests below."""
 
   @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls._x64 = jax.config.jax_enable_x64
-    common.set_precision(False)
-    cls._tmp = tempfile.TemporaryDirectory()
-    cls.workdir = cls._tmp.name
+  def run_experiment(cls):
     cls.results = latent_ot.run(tiny_config(), cls.workdir)
     with np.load(os.path.join(cls.workdir, "arrays.npz")) as stored:
       cls.arrays = {k: stored[k] for k in stored.files}
-
-  @classmethod
-  def tearDownClass(cls):
-    cls._tmp.cleanup()
-    common.set_precision(cls._x64)
-    super().tearDownClass()
 
   def test_keys_and_skipped_sizes(self):
     """Every encoder/control × K has both keys; K larger than the split is reported skipped."""
@@ -218,6 +209,39 @@ class PaperScaleErrorsTest(absltest.TestCase):
       with self.assertRaisesRegex(FileNotFoundError, weights):
         latent_ot.run(config, os.path.join(tmp, "work"))
       self.assertFalse(os.path.exists(os.path.join(tmp, "work", "models")))
+
+  def test_missing_second_model_fails_before_the_first_is_trained(self):
+    """models.other restored from a checkpoint folder that does not exist: the run stops with
+    FileNotFoundError naming it before 'own' (source='train') is trained — no models folder
+    is created, nothing is trained."""
+    with tempfile.TemporaryDirectory() as tmp:
+      config = tiny_config()
+      missing = os.path.join(tmp, "runs", "other-model")
+      config.models.other = latent_ot.model_spec(source="checkpoint", path=missing)
+      with mock.patch.object(latent_ot.ddpm_training, "train_ddpm") as trainer:
+        with self.assertRaisesRegex(FileNotFoundError, f"model 'other'.*{missing}"):
+          latent_ot.run(config, os.path.join(tmp, "work"))
+      trainer.assert_not_called()
+      self.assertFalse(os.path.exists(os.path.join(tmp, "work", "models")))
+      self.assertFalse(os.path.exists(missing))
+
+  def test_diffusers_weights_of_another_image_shape_fail_up_front(self):
+    """models.own from diffusers weights whose config.json says 32×32×3 while the experiment
+    encodes 8×8×1 digits: one ValueError naming models.own and both shapes, before anything
+    is loaded or trained."""
+    from ddpm_ot_jax.models import diffusers_import  # pylint: disable=g-import-not-at-top
+
+    with tempfile.TemporaryDirectory() as tmp:
+      with open(os.path.join(tmp, diffusers_import.CONFIG_NAME), "w") as f:
+        json.dump(diffusers_import.DDPM_CIFAR10_CONFIG, f)
+      with open(os.path.join(tmp, diffusers_import.WEIGHTS_NAME), "wb") as f:
+        f.write(b"placeholder")
+      config = tiny_config()
+      config.models.own = latent_ot.model_spec(source="diffusers", path=tmp)
+      with mock.patch.object(latent_ot.ddpm_training, "train_ddpm") as trainer:
+        with self.assertRaisesRegex(ValueError, r"models\.own .*takes 32×32.*are 8×8×1"):
+          latent_ot.run(config, os.path.join(tmp, "work"))
+      trainer.assert_not_called()
 
 
 if __name__ == "__main__":

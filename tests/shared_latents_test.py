@@ -4,14 +4,14 @@ import os
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
-import jax
 import numpy as np
 
 from configs import digits_shared_latents
-from ddpm_ot_jax.experiments import common
 from ddpm_ot_jax.experiments import shared_latents
+import experiment_case
 import latent_ot_test
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,28 +58,18 @@ class PairStatisticsTest(absltest.TestCase):
     self.assertLess(stats["nn_match_fraction"], 0.05)
 
 
-class SharedLatentsRunTest(absltest.TestCase):
+class SharedLatentsRunTest(experiment_case.ExperimentRunCase):
 
   @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls._x64 = jax.config.jax_enable_x64
-    common.set_precision(False)
-    cls._tmp = tempfile.TemporaryDirectory()
-    cls.workdir = cls._tmp.name
+  def run_experiment(cls):
     cls.results = shared_latents.run(tiny_config(), cls.workdir)
     with np.load(os.path.join(cls.workdir, "decoded.npz")) as stored:
       cls.decoded = {k: stored[k] for k in stored.files}
 
-  @classmethod
-  def tearDownClass(cls):
-    cls._tmp.cleanup()
-    common.set_precision(cls._x64)
-    super().tearDownClass()
-
   def test_groups_pairs_and_figures(self):
     """Pairs are grouped by training data: 0–4 vs 5–9 (twice: two 0–4 seeds) is
-    different_data, the two 0–4 seeds same_data, label pairs conditional, VAEs the control."""
+    different_data, the two 0–4 seeds same_data, label pairs conditional, VAEs the control;
+    the class-conditional model 'conditional' has its own figure file."""
     self.assertEqual(self.results["num_pairs_different_data"], 2)
     self.assertEqual(self.results["num_pairs_same_data"], 1)
     self.assertEqual(self.results["num_pairs_conditional"], 3)
@@ -88,7 +78,7 @@ class SharedLatentsRunTest(absltest.TestCase):
       for key in ("distance_same_latent", "distance_different_latent", "distance_ratio",
                   "nn_match_fraction"):
         self.assertIn(f"{key}_{group}", self.results)
-    for figure in ("shared_latents.png", "shared_latents_conditional.png"):
+    for figure in ("shared_latents.png", "shared_latents_conditional_conditional.png"):
       self.assertTrue(os.path.exists(os.path.join(self.workdir, figure)))
 
   def test_numbers_recomputed_from_saved_images(self):
@@ -137,6 +127,27 @@ class PaperScaleErrorsTest(absltest.TestCase):
     self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
     self.assertIn(os.path.join(missing, "train", "cat"), proc.stderr)
     self.assertNotIn("Traceback", proc.stderr)
+
+  def test_missing_last_folder_fails_before_the_first_model_is_trained(self):
+    """AFHQ with train/cat and train/wild present but no dog images: the run stops with
+    FileNotFoundError naming the missing dog folder before the cat model is trained (no
+    training call, no models folder)."""
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    from configs import afhq_shared_latents  # pylint: disable=g-import-not-at-top
+
+    with tempfile.TemporaryDirectory() as tmp:
+      for animal in ("cat", "wild"):
+        os.makedirs(os.path.join(tmp, "afhq", "train", animal))
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(
+            os.path.join(tmp, "afhq", "train", animal, "0.png"))
+      config = afhq_shared_latents.get_config()
+      config.data.root = os.path.join(tmp, "afhq")
+      with mock.patch.object(shared_latents.latent_ot.ddpm_training, "train_ddpm") as trainer:
+        with self.assertRaisesRegex(FileNotFoundError,
+                                    os.path.join(tmp, "afhq", "train", "dog")):
+          shared_latents.run(config, os.path.join(tmp, "work"))
+      trainer.assert_not_called()
+      self.assertFalse(os.path.exists(os.path.join(tmp, "work", "models")))
 
   def test_missing_checkpoint(self):
     """A model to restore from a run that does not exist stops with FileNotFoundError

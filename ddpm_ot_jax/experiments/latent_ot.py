@@ -43,7 +43,10 @@ their codes and the reconstructions).
 The DDPMs come from `models.<name>` specs (see `model_spec` and `load_model`): trained here
 with `ddpm_training.train_ddpm` in <models_dir>/<data>-<fingerprint>/ (`model_folder`; a
 rerun resumes; models_dir defaults to <workdir>/models),
-restored from another run's checkpoints, or imported from diffusers weights.
+restored from another run's checkpoints, or imported from diffusers weights. Every model's
+data folder, checkpoint or weights is checked before the first model is trained
+(`check_sources`), so a missing one stops the run at once, not hours later. Encoders and
+decoders run on the samplers' view matching each model's training.loss_type.
 """
 from __future__ import annotations
 
@@ -56,7 +59,6 @@ from typing import Any
 from absl import logging
 import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -65,7 +67,6 @@ from ddpm_ot_jax import data
 from ddpm_ot_jax import flow
 from ddpm_ot_jax import ot
 from ddpm_ot_jax import samplers
-from ddpm_ot_jax import sde
 from ddpm_ot_jax import train
 from ddpm_ot_jax.experiments import common
 from ddpm_ot_jax.experiments import ddpm_training
@@ -148,6 +149,38 @@ def select_classes(dataset: data.ImageDataset, classes: tuple[int, ...]) -> data
                            dataset.class_names)
 
 
+def _subfolder(config: ml_collections.ConfigDict, split: str, subfolder: str) -> str:
+  """<data.root>/<split>/<subfolder> (or <data.root>/<subfolder> for 'train' / 'all'): the
+  first that exists; FileNotFoundError naming both when neither does."""
+  dc = config.data
+  root = dc.get("root") or None
+  if dc.name != "image_folder":
+    raise ValueError(f"A model subfolder ({subfolder!r}) needs data.name='image_folder'.")
+  if not root:
+    raise ValueError("data.root is empty: set it to the image folder (e.g. data/afhq).")
+  root = os.path.expanduser(root)
+  candidates = [os.path.join(root, split, subfolder)]
+  if split in ("train", "all"):
+    candidates.append(os.path.join(root, subfolder))
+  folder = next((c for c in candidates if os.path.isdir(c)), None)
+  if folder is None:
+    raise FileNotFoundError(
+        f"No image folder for split {split!r}, subfolder {subfolder!r}: looked for "
+        f"{' and '.join(candidates)}. Put the PNG/JPEG images there or set data.root "
+        f"(now {root!r}).")
+  return folder
+
+
+def check_split(config: ml_collections.ConfigDict, split: str, subfolder: str = "") -> None:
+  """Raises what `load_split(config, split, subfolder)` would raise for missing or misnamed
+  data, without reading any image."""
+  dc = config.data
+  if subfolder:
+    data.check_image_folder(_subfolder(config, split, subfolder))
+  else:
+    data.check_dataset(dc.name, split, dc.get("root") or None, dc.get("resolution") or None)
+
+
 def load_split(config: ml_collections.ConfigDict, split: str, subfolder: str = "",
                classes: tuple[int, ...] = (), transform: str = "none") -> data.ImageDataset:
   """`split` of config.data, restricted to `subfolder` (image folders) and `classes`.
@@ -158,21 +191,8 @@ def load_split(config: ml_collections.ConfigDict, split: str, subfolder: str = "
   root = dc.get("root") or None
   resolution = dc.get("resolution") or None
   if subfolder:
-    if dc.name != "image_folder":
-      raise ValueError(f"A model subfolder ({subfolder!r}) needs data.name='image_folder'.")
-    if not root:
-      raise ValueError("data.root is empty: set it to the image folder (e.g. data/afhq).")
-    candidates = [os.path.join(root, split, subfolder)]
-    if split in ("train", "all"):
-      candidates.append(os.path.join(root, subfolder))
-    folder = next((c for c in candidates if os.path.isdir(c)), None)
-    if folder is None:
-      raise FileNotFoundError(
-          f"No image folder for split {split!r}, subfolder {subfolder!r}: looked for "
-          f"{' and '.join(candidates)}. Put the PNG/JPEG images there or set data.root "
-          f"(now {root!r}).")
-    dataset = data.load_image_folder(folder, resolution, channels=dc.get("channels", 3),
-                                     labels_from_subfolders=False)
+    dataset = data.load_image_folder(_subfolder(config, split, subfolder), resolution,
+                                     channels=dc.get("channels", 3), labels_from_subfolders=False)
   else:
     dataset = data.load_dataset(dc.name, split, root, resolution)
   dataset = select_classes(dataset, tuple(classes))
@@ -204,6 +224,8 @@ def image_shape_from_config(config: ml_collections.ConfigDict) -> tuple[int, int
 class LoadedModel:
   """A DDPM ready for the samplers: ε_θ = model.apply with `params` (EMA weights).
 
+  schedule: the samplers' continuous-time view matching how it was trained
+  (`ddpm_training.sampling_schedule`; imported diffusers weights: the discrete chain's).
   directory: where its checkpoints live (or the diffusers path); steps: optimizer steps
   behind the parameters (0 for imported weights); train_seconds: training time spent by
   this process (0 when restored).
@@ -212,7 +234,7 @@ class LoadedModel:
   name: str
   model: flax.linen.Module
   params: Any
-  schedule: sde.DiscreteSchedule
+  schedule: samplers.NoiseSchedule
   mesh: jax.sharding.Mesh
   directory: str
   steps: int
@@ -220,6 +242,7 @@ class LoadedModel:
   num_classes: int
 
   def eps_fn(self, labels: jax.Array | None = None) -> samplers.EpsFn:
+    """ε_θ(x, t_index) with class labels `labels` (None: unconditional)."""
     return samplers.model_eps_fn(self.model.apply, self.params, labels)
 
 
@@ -286,9 +309,10 @@ def _checkpoint_folder(path: str) -> str:
   return nested if os.path.isdir(nested) else path
 
 
-def _restore(name: str, cfg: ml_collections.ConfigDict, spec: ml_collections.ConfigDict,
-             image_shape: tuple[int, ...], mesh: jax.sharding.Mesh):
-  """(model, EMA params, step) from the newest checkpoint of a train_ddpm run at spec.path."""
+def _open_checkpoints(name: str, spec: ml_collections.ConfigDict
+                      ) -> tuple[checkpoints.Checkpointer, int, str]:
+  """(checkpointer, newest step, folder) of the train_ddpm run at spec.path; FileNotFoundError
+  saying what to do when the folder or a finished checkpoint is missing (nothing is created)."""
   folder = _checkpoint_folder(spec.path)
   how = (f"Train it first (python scripts/main.py --config=<the training config> "
          f"--workdir={spec.path}), point models.{name}.path at a train_ddpm workdir, or set "
@@ -297,10 +321,41 @@ def _restore(name: str, cfg: ml_collections.ConfigDict, spec: ml_collections.Con
     raise FileNotFoundError(f"No checkpoint folder for model '{name}': {folder} does not exist. "
                             + how)
   checkpointer = checkpoints.Checkpointer(folder, keep=None, async_save=False)
+  step = checkpointer.latest_step()
+  if step is None:
+    checkpointer.close()
+    raise FileNotFoundError(f"No checkpoint for model '{name}' in {folder}. " + how)
+  return checkpointer, step, folder
+
+
+def check_sources(config: ml_collections.ConfigDict, names: list[str],
+                  image_shape: tuple[int, ...]) -> None:
+  """Checks, before anything is trained, that every model in `names` can be had: the
+  training data of source='train' (its data split or image subfolder), a finished checkpoint
+  for 'checkpoint', and for 'diffusers' the weights and a config.json whose sample_size and
+  in_channels match `image_shape`. Raises the first FileNotFoundError / ValueError, naming
+  models.<name> and the missing path; reads no image and no weights."""
+  from ddpm_ot_jax.models import diffusers_import  # pylint: disable=g-import-not-at-top
+
+  for name in names:
+    spec = config.models[name]
+    check_spec(name, spec)
+    if spec.source == "train":
+      check_split(model_config(config, spec), "train", spec.subfolder)
+    elif spec.source == "checkpoint":
+      checkpointer, _, _ = _open_checkpoints(name, spec)
+      checkpointer.close()
+    else:
+      path = os.path.expanduser(spec.path)
+      diffusers_import.check_image_shape(diffusers_import.read_diffusers_config(path),
+                                         image_shape, f"models.{name} (diffusers, {path})")
+
+
+def _restore(name: str, cfg: ml_collections.ConfigDict, spec: ml_collections.ConfigDict,
+             image_shape: tuple[int, ...], mesh: jax.sharding.Mesh):
+  """(model, EMA params, step) from the newest checkpoint of a train_ddpm run at spec.path."""
+  checkpointer, step, folder = _open_checkpoints(name, spec)
   try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint for model '{name}' in {folder}. " + how)
     model = shared_unet(cfg.model)
     hparams = ddpm_training.hparams_from_config(cfg, model)
     tx = train.make_optimizer(hparams)
@@ -325,7 +380,6 @@ def load_model(config: ml_collections.ConfigDict, name: str, spec: ml_collection
   """
   check_spec(name, spec)
   cfg = model_config(config, spec)
-  schedule = ddpm_training.schedule_from_config(cfg)
   if spec.source == "train":
     dataset = load_split(cfg, "train", spec.subfolder, tuple(spec.classes), spec.transform)
     if tuple(dataset.image_shape) != tuple(image_shape):
@@ -334,19 +388,22 @@ def load_model(config: ml_collections.ConfigDict, name: str, spec: ml_collection
     directory = model_folder(config, workdir, cfg, spec)
     logging.info("Model '%s': %d training images → %s", name, len(dataset), directory)
     result = ddpm_training.train_ddpm(cfg, directory, dataset, model=shared_unet(cfg.model))
-    return LoadedModel(name, result.model, result.state.ema_params, result.schedule, result.mesh,
-                       directory, int(jax.device_get(result.state.step)), result.train_seconds,
+    return LoadedModel(name, result.model, result.state.ema_params, result.sampling_schedule,
+                       result.mesh, directory, int(jax.device_get(result.state.step)), result.train_seconds,
                        int(getattr(result.model, "num_classes", 0)))
   mesh = train.make_data_mesh()
   if spec.source == "checkpoint":
     model, params, step, directory = _restore(name, cfg, spec, image_shape, mesh)
-    return LoadedModel(name, model, params, schedule, mesh, directory, step, 0.0,
-                       int(getattr(model, "num_classes", 0)))
+    return LoadedModel(name, model, params, ddpm_training.sampling_schedule(cfg), mesh,
+                       directory, step, 0.0, int(getattr(model, "num_classes", 0)))
   from ddpm_ot_jax.models import diffusers_import  # pylint: disable=g-import-not-at-top
 
-  model, params = diffusers_import.load_diffusers_unet(os.path.expanduser(spec.path))
+  model, params = diffusers_import.load_diffusers_unet(os.path.expanduser(spec.path),
+                                                       tuple(image_shape))
   params = jax.device_put(params, train.replicated(mesh))
   logging.info("Model '%s': diffusers weights from %s.", name, spec.path)
+  # Published DDPM weights were trained on the discrete chain.
+  schedule = samplers.noise_schedule(ddpm_training.schedule_from_config(cfg), "discrete")
   return LoadedModel(name, model, params, schedule, mesh, spec.path, 0, 0.0,
                      int(getattr(model, "num_classes", 0)))
 
@@ -377,8 +434,8 @@ class Codes:
 def encode_images(loaded: LoadedModel, images: np.ndarray, method: str,
                   lc: ml_collections.ConfigDict, labels: np.ndarray | None = None,
                   round_trip: bool = False) -> Codes:
-  """Codes of `images` under `method`, in chunks of lc.batch_size (split across the devices
-  when they divide it):
+  """Codes of `images` under `method`, in chunks of lc.batch_size (split across the devices,
+  padded to a multiple of their number: `ddpm_training.shard_rows`):
 
   * 'ode': the PF-ODE encoder from step 0 to N − 1 (`samplers.ode_encode`, adaptive, tolerances
     lc.ode_rtol/atol); decoder: the same ODE backwards (`samplers.pf_ode`);
@@ -394,25 +451,25 @@ def encode_images(loaded: LoadedModel, images: np.ndarray, method: str,
   codes, recons, nfe_encode, nfe_decode = [], [], 0, 0
   start = time.perf_counter()
   for lo in range(0, len(images), lc.batch_size):
-    x = jnp.asarray(images[lo:lo + lc.batch_size])
-    if len(x) % loaded.mesh.devices.size == 0:
-      x = jax.device_put(x, train.batch_sharded(loaded.mesh))
+    count = len(images[lo:lo + lc.batch_size])
+    x = ddpm_training.shard_rows(images[lo:lo + lc.batch_size], loaded.mesh)
     y = None
     if loaded.num_classes:
-      y = jnp.asarray(labels[lo:lo + lc.batch_size], jnp.int32)
+      y = ddpm_training.shard_rows(
+          np.asarray(labels[lo:lo + lc.batch_size], np.int32), loaded.mesh)
     eps_fn = loaded.eps_fn(y)
     if method == "ode":
       encoded = samplers.ode_encode(eps_fn, loaded.schedule, x, options)
     else:
       encoded = samplers.ddim_invert(eps_fn, loaded.schedule, x, lc.ddim_steps)
-    codes.append(np.asarray(encoded.x))
+    codes.append(ddpm_training.gather_rows(encoded.x, count))
     nfe_encode = int(encoded.nfe)
     if round_trip:
       if method == "ode":
         decoded = samplers.pf_ode(eps_fn, loaded.schedule, encoded.x, options, end_index=0.0)
       else:
         decoded = samplers.ddim(eps_fn, loaded.schedule, encoded.x, lc.ddim_steps)
-      recons.append(np.asarray(decoded.x))
+      recons.append(ddpm_training.gather_rows(decoded.x, count))
       nfe_decode = int(decoded.nfe)
   seconds = time.perf_counter() - start
   return Codes(np.concatenate(codes), np.concatenate(recons) if recons else None, nfe_encode,
@@ -435,11 +492,10 @@ def ot_test(images: np.ndarray, codes: np.ndarray, method: str = "pot") -> dict[
 
 
 def _ot_matrix_figure(panels: list[tuple[str, np.ndarray, dict]], path: str, k: int) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
-  fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
+  fig = Figure(figsize=(3.2 * len(panels), 3.6))
+  axes = fig.subplots(1, len(panels), squeeze=False)
   for ax, (title, perm, test) in zip(axes[0], panels):
     plan = np.zeros((len(perm), len(perm)), np.float32)
     plan[np.arange(len(perm)), perm] = 1.0
@@ -456,13 +512,11 @@ def _ot_matrix_figure(panels: list[tuple[str, np.ndarray, dict]], path: str, k: 
 
 
 def _codes_figure(images: np.ndarray, rows: list[tuple[str, np.ndarray]], path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
   all_rows = [("images", images)] + rows
-  fig, axes = plt.subplots(len(all_rows), 1, figsize=(8, 0.72 * len(all_rows) + 0.2),
-                           squeeze=False)
+  fig = Figure(figsize=(8, 0.72 * len(all_rows) + 0.2))
+  axes = fig.subplots(len(all_rows), 1, squeeze=False)
   fig.subplots_adjust(hspace=0.08)
   for ax, (label, row) in zip(axes[:, 0], all_rows):
     grid = ddpm_training.image_grid(np.clip(row, -1, 1), columns=len(row))
@@ -500,6 +554,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   watch = common.Stopwatch()
   lc = config.latent_ot
   own_spec = config.models.own
+  model_names = ["own"] + (["other"] if lc.other_model else [])
+  if lc.other_model and "other" not in config.models:
+    raise KeyError("latent_ot.other_model is on but config.models has no 'other' model.")
+  # Every input up front: a missing dataset, checkpoint or weights fails before any training.
+  check_split(config, lc.split, own_spec.subfolder)
+  check_sources(config, model_names, image_shape_from_config(config))
   # The images first: a missing dataset fails before any training.
   heldout = load_split(config, lc.split, own_spec.subfolder, tuple(lc.classes), own_spec.transform)
   ks = sorted({int(k) for k in lc.num_images})
@@ -524,9 +584,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   code_sets: dict[str, np.ndarray] = {}
   figure_rows = []
-  model_names = ["own"] + (["other"] if lc.other_model else [])
-  if lc.other_model and "other" not in config.models:
-    raise KeyError("latent_ot.other_model is on but config.models has no 'other' model.")
   for model_name in model_names:
     loaded = load_model(config, model_name, config.models[model_name], workdir, image_shape)
     results[f"train_steps_{model_name}"] = loaded.steps

@@ -31,8 +31,10 @@ Keys: `distance_same_latent_<group>`, `distance_different_latent_<group>`,
 (`..._<A>__<B>`; for the conditional group the ratios per label pair are the matrix
 `distance_ratio_matrix_<model>` in decoded.npz); `num_latents`, `decode_nfe`, `train_seconds_<model>`, `seconds`.
 Figures: shared_latents.png (rows: the unconditional decoders and the VAE control, columns:
-the same latents) and shared_latents_conditional.png (rows: labels). Arrays: decoded.npz
-(latents and every decoder's images).
+the same latents) and, for each class-conditional model <name>,
+shared_latents_conditional_<name>.png (rows: labels). Arrays: decoded.npz (latents and every
+decoder's images). Every model's data, checkpoint or weights (and the VAE control's data) is
+checked before the first model is trained (`latent_ot.check_sources`).
 """
 from __future__ import annotations
 
@@ -52,7 +54,6 @@ import optax
 from ddpm_ot_jax import flow
 from ddpm_ot_jax import ot
 from ddpm_ot_jax import samplers
-from ddpm_ot_jax import train
 from ddpm_ot_jax.experiments import common
 from ddpm_ot_jax.experiments import ddpm_training
 from ddpm_ot_jax.experiments import latent_ot
@@ -105,7 +106,7 @@ class MLPVAE(nn.Module):
   latent_dim: int
   hidden: int = 256
 
-  def setup(self):
+  def setup(self) -> None:
     self.enc = [nn.Dense(self.hidden), nn.Dense(self.hidden)]
     self.enc_out = nn.Dense(2 * self.latent_dim)
     self.dec = [nn.Dense(self.hidden), nn.Dense(self.hidden)]
@@ -179,34 +180,35 @@ def vae_decode(model: MLPVAE, params: Any, latents: np.ndarray) -> np.ndarray:
 def decode_latents(loaded: latent_ot.LoadedModel, latents: np.ndarray,
                    sc: ml_collections.ConfigDict, label: int | None = None) -> tuple[np.ndarray, int]:
   """Images D(z) (clipped to [−1, 1]) from x_T = z with the deterministic sampler
-  `sc.sampler` ('ddim' with sc.num_steps steps and η = 0, or the adaptive 'pf_ode'); a
-  class-conditional model decodes every latent with `label`. Returns (images, NFE)."""
+  `sc.sampler` ('ddim' with sc.num_steps steps and η = 0, or the adaptive 'pf_ode') on the
+  model's own schedule view; a class-conditional model decodes every latent with `label`.
+  Chunks of sc.batch_size run split across the devices (`ddpm_training.shard_rows`).
+  Returns (images, NFE)."""
   options = flow.SolverOptions(rtol=sc.ode_rtol, atol=sc.ode_atol)
   chunks, nfe = [], 0
   for lo in range(0, len(latents), sc.batch_size):
-    z = jnp.asarray(latents[lo:lo + sc.batch_size])
-    if len(z) % loaded.mesh.devices.size == 0:
-      z = jax.device_put(z, train.batch_sharded(loaded.mesh))
-    y = None if label is None else jnp.full((len(z),), label, jnp.int32)
+    count = len(latents[lo:lo + sc.batch_size])
+    z = ddpm_training.shard_rows(latents[lo:lo + sc.batch_size], loaded.mesh)
+    y = None
+    if label is not None:
+      y = ddpm_training.shard_rows(np.full((count,), label, np.int32), loaded.mesh)
     eps_fn = loaded.eps_fn(y)
     if sc.sampler == "ddim":
       result = samplers.sample("ddim", eps_fn, loaded.schedule, z, num_steps=sc.num_steps, eta=0.0)
     else:
       result = samplers.sample("pf_ode", eps_fn, loaded.schedule, z, options=options)
-    chunks.append(np.asarray(jnp.clip(result.x, -1.0, 1.0)))
+    chunks.append(ddpm_training.gather_rows(jnp.clip(result.x, -1.0, 1.0), count))
     nfe = int(result.nfe)
   return np.concatenate(chunks), nfe
 
 
 def _rows_figure(rows: list[tuple[str, np.ndarray]], path: str, title: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
   columns = len(rows[0][1])
   height = rows[0][1].shape[1] / rows[0][1].shape[2]
-  fig, axes = plt.subplots(len(rows), 1, figsize=(9, 9 / columns * height * len(rows) * 1.1 + 0.4),
-                           squeeze=False)
+  fig = Figure(figsize=(9, 9 / columns * height * len(rows) * 1.1 + 0.4))
+  axes = fig.subplots(len(rows), 1, squeeze=False)
   fig.subplots_adjust(hspace=0.08)
   for ax, (label, images) in zip(axes[:, 0], rows):
     grid = ddpm_training.image_grid(images, columns=columns)
@@ -228,6 +230,7 @@ def _data_identity(spec: ml_collections.ConfigDict) -> tuple:
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:
+  """Config checks (ValueError naming the key) that need no file."""
   sc = config.shared_latents
   if sc.num_latents < 2:
     raise ValueError(f"shared_latents.num_latents must be ≥ 2, got {sc.num_latents}.")
@@ -253,6 +256,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   watch = common.Stopwatch()
   sc = config.shared_latents
   image_shape = latent_ot.image_shape_from_config(config)
+  # Every input up front: a missing folder or checkpoint of the last model (or of the VAE
+  # control's data) must not surface after hours of training the first ones.
+  latent_ot.check_sources(config, list(config.models.keys()), image_shape)
+  if config.control.vae:
+    latent_ot.check_split(config, "train")
   base_key = jax.random.PRNGKey(config.seed)
   latents = None  # drawn once the first model is available (a missing one fails at once)
   results: dict[str, Any] = {"num_latents": int(sc.num_latents)}
@@ -338,7 +346,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  "Same latent (column) decoded by different models (rows)")
   for name, cond_rows in conditional.items():
     _rows_figure([(r, decoded[r][:shown]) for r in cond_rows],
-                 os.path.join(workdir, "shared_latents_conditional.png"),
+                 os.path.join(workdir, f"shared_latents_conditional_{name}.png"),
                  f"Same latent (column) decoded by the class-conditional '{name}' with label y (rows)")
   results["seconds"] = watch.seconds()
   return results
