@@ -31,6 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
           learning_rate=0.01,
           error_eval_every=1000,
           chi2_threshold=2.5e-3,  # stop once the χ² of cell masses vs 1/N is below this
+          # Source points per χ² check (0: the solver's default max(batch_size, 8N)). ott-jax
+          # builds an error_batch_size × N cost/coupling matrix for each check (float32: 4·B·N
+          # bytes; the default is 8N² · 4 B, ~100 MB for N=1797 but 3.2 GB for N=10⁴); the
+          # estimate's noise is ≈ √(2N) / (2 · error_batch_size) (4 repeats).
+          error_batch_size=0,
           check_samples=200_000,  # fresh noise for the reported marginal error
           block_size=2048,  # targets per block of the argmax
       )),
@@ -47,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
       max_novelty_images=0,  # 0: all of novelty_split
       features="classifier",  # 'classifier' (digits) or 'inception' (RGB sets)
       inception_weights="",  # pytorch-fid weights file (features='inception')
+      inception_width=1.0,  # channel scale of the Inception net (1.0: pytorch-fid's; tests: 1/16)
+      inception_resize=299,  # its input size (299: pytorch-fid's)
+      classifier_steps=600,  # training steps of the digits classifier (features='classifier')
       pr_k=3,
       mmr_lambda=0.11,
       mmr_sweep=(0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4),

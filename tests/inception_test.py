@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import collections
 import os
-import pickle
-import sys
 import tempfile
-import types
 import zipfile
 
 from absl.testing import absltest
@@ -23,97 +20,23 @@ import jax.numpy as jnp
 from ddpm_ot_jax import metrics
 from ddpm_ot_jax.models import inception
 
+import fake_weights
+
 try:
   import torch
   import torch.nn.functional as F
 except ImportError:  # pragma: no cover - torch is optional
   torch = None
 
-WIDTH = 1 / 16
-RESIZE = 75
+WIDTH = fake_weights.WIDTH
+RESIZE = fake_weights.RESIZE
 
 
 def _random_state_dict(seed: int) -> dict[str, np.ndarray]:
-  """Random weights with pytorch-fid's key names and shapes (plus fc and num_batches_tracked)."""
-  model = inception.InceptionV3(width=WIDTH, resize=RESIZE)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, RESIZE, RESIZE, 3)))
-  rng = np.random.default_rng(seed)
-  variables = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), dict(shapes))
-  state = inception.variables_to_state_dict(variables)
-  out = collections.OrderedDict()
-  for key, value in state.items():
-    if key.endswith("conv.weight"):
-      fan_in = np.prod(value.shape[1:])
-      out[key] = (rng.standard_normal(value.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-    elif key.endswith("running_var"):
-      out[key] = rng.uniform(0.5, 1.5, value.shape).astype(np.float32)
-    elif key.endswith("bn.weight"):
-      out[key] = rng.uniform(0.8, 1.2, value.shape).astype(np.float32)
-    else:
-      out[key] = (0.1 * rng.standard_normal(value.shape)).astype(np.float32)
-    if key.endswith("running_var"):
-      out[key[: -len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
-  out["fc.weight"] = rng.standard_normal((1008, round(2048 * WIDTH))).astype(np.float32)
-  out["fc.bias"] = np.zeros((1008,), np.float32)
-  return out
+  return fake_weights.random_state_dict(seed, WIDTH, RESIZE)
 
 
-def _write_zip_without_torch(path: str, state: dict[str, np.ndarray]) -> None:
-  """torch.save's zip layout, pickled through stand-in torch modules (torch not installed)."""
-  fake_torch = types.ModuleType("torch")
-  fake_utils = types.ModuleType("torch._utils")
-  storage_types = {np.dtype(np.float32): "FloatStorage", np.dtype(np.int64): "LongStorage"}
-  for name in storage_types.values():
-    setattr(fake_torch, name, type(name, (), {"__module__": "torch"}))
-
-  def _rebuild_tensor_v2(*args):
-    raise AssertionError("only for pickling")
-  _rebuild_tensor_v2.__module__ = "torch._utils"
-  _rebuild_tensor_v2.__qualname__ = "_rebuild_tensor_v2"
-  fake_utils._rebuild_tensor_v2 = _rebuild_tensor_v2
-  fake_torch._utils = fake_utils
-
-  class Tensor:
-    def __init__(self, key, array):
-      self.key, self.array = key, array
-
-    def __reduce__(self):
-      stride = tuple(s // self.array.itemsize for s in self.array.strides)
-      storage = _Storage(self.key, self.array)
-      return (_rebuild_tensor_v2, (storage, 0, self.array.shape, stride, False,
-                                   collections.OrderedDict()))
-
-  class _Storage:
-    def __init__(self, key, array):
-      self.key, self.array = key, array
-
-  class Pickler(pickle.Pickler):
-    def persistent_id(self, obj):
-      if isinstance(obj, _Storage):
-        cls = getattr(fake_torch, storage_types[obj.array.dtype])
-        return ("storage", cls, obj.key, "cpu", obj.array.size)
-      return None
-
-  saved = {name: sys.modules.get(name) for name in ("torch", "torch._utils")}
-  sys.modules["torch"], sys.modules["torch._utils"] = fake_torch, fake_utils
-  try:
-    import io
-    buf = io.BytesIO()
-    tensors = collections.OrderedDict(
-        (k, Tensor(str(i), np.array(v, order="C"))) for i, (k, v) in enumerate(state.items()))
-    Pickler(buf, protocol=2).dump(tensors)
-  finally:
-    for name, module in saved.items():
-      if module is None:
-        sys.modules.pop(name, None)
-      else:
-        sys.modules[name] = module
-  with zipfile.ZipFile(path, "w") as archive:
-    archive.writestr("archive/data.pkl", buf.getvalue())
-    archive.writestr("archive/byteorder", "little")
-    archive.writestr("archive/version", "3\n")
-    for tensor in tensors.values():
-      archive.writestr(f"archive/data/{tensor.key}", tensor.array.tobytes())
+_write_zip_without_torch = fake_weights.write_zip_without_torch
 
 
 def _write_state_dict(path: str, state: dict[str, np.ndarray], legacy: bool = False) -> None:
