@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 import time
 from typing import Any, Iterator
@@ -59,13 +60,16 @@ def save_npz(path: str, **arrays: Any) -> None:
     np.savez_compressed(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
 
 
-def save_figure(fig, path: str, dpi: int = 120) -> None:
-  """Saves a matplotlib figure as PNG, atomically, and closes it."""
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+def save_figure(fig: "matplotlib.figure.Figure", path: str, dpi: int = 120) -> None:
+  """Saves a matplotlib figure as PNG, atomically; closes it if pyplot manages it.
 
+  Figures here are plain `matplotlib.figure.Figure`s (no pyplot, so no backend is chosen or
+  switched, in scripts or notebooks alike).
+  """
   with atomic_path(path) as tmp:
     fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-  plt.close(fig)
+  if "matplotlib.pyplot" in sys.modules:
+    sys.modules["matplotlib.pyplot"].close(fig)
 
 
 def set_precision(x64: bool) -> None:
