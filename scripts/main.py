@@ -18,9 +18,17 @@ from absl import logging
 from ml_collections import config_flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_DEFAULT_CONFIG = os.path.join(_REPO, "configs", "digits_dpmot.py")
-if not os.path.exists(_DEFAULT_CONFIG):  # until the DPM-OT run lands, the theory lab is default
-  _DEFAULT_CONFIG = os.path.join(_REPO, "configs", "gaussian_ot.py")
+# Configs import each other (`from configs import digits_ddpm`), and the default config is
+# loaded when its flag is defined, just below: the repository root must be importable first.
+if _REPO not in sys.path:
+  sys.path.insert(0, _REPO)
+_DEFAULT_CONFIG = os.path.join(_REPO, "configs", "digits_dpmot.py")  # the offline default run
+
+# Without --config, ml_collections loads the default config and applies the overrides while
+# the flag is being defined, outside the error handling below; naming the default explicitly
+# defers both to flag parsing (`_parse_flags`).
+if not any(arg == "--config" or arg.startswith("--config=") for arg in sys.argv[1:]):
+  sys.argv.insert(1, f"--config={_DEFAULT_CONFIG}")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Path to a config file in configs/.", lock_config=True)
@@ -123,5 +131,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   os.environ.setdefault("MPLBACKEND", "Agg")  # figures go to files; no display needed
-  sys.path.insert(0, _REPO)  # so configs can be loaded from any working directory
   app.run(main, flags_parser=_parse_flags)

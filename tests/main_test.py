@@ -48,6 +48,16 @@ class MainTest(absltest.TestCase):
     self.assertIn('"dims"', proc.stderr)
     self.assertNotIn("Traceback", proc.stderr)
 
+  def test_default_config_loads_from_any_directory(self):
+    """With no --config, main.py loads configs/digits_dpmot.py (which imports another config)
+    from any working directory: a misspelt override of it names its valid keys."""
+    with tempfile.TemporaryDirectory() as cwd:
+      proc = _main("--config.evaluation.num_sampels=3", cwd=cwd)
+    self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
+    self.assertIn("Valid keys of digits_dpmot.py", proc.stderr)
+    self.assertIn("evaluation.num_samples", proc.stderr)
+    self.assertNotIn("Traceback", proc.stderr)
+
   def test_bad_value_and_missing_config_are_clear(self):
     """A wrongly typed value, a bad value caught by the experiment and a missing config file."""
     proc = _main("--config=configs/gaussian_ot.py", "--config.dims=abc")
