@@ -1,6 +1,6 @@
 r"""Speed and accuracy of the grid Fokker–Planck score, for grids 256, 512 and 1024.
 
-  python scripts/bench_fokker_planck.py --out=runs/bench_fokker_planck.json
+  python scripts/bench_fokker_planck.py [--out=bench_results/fokker_planck.json]
 
 Accuracy (Gaussian mixtures, whose score `gmm.score_fn` is exact at every t), over the region
 that holds 1 − 1e−6 of the mass of p_t (the points of a 300² grid on [−7, 7]² above the density
@@ -21,7 +21,6 @@ Prints a table and writes JSON.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -41,7 +40,7 @@ from ddpm_ot_jax import ot
 from ddpm_ot_jax import sde
 from ddpm_ot_jax.experiments import common
 
-_OUT = flags.DEFINE_string("out", "runs/bench_fokker_planck.json", "Where to write the JSON.")
+_OUT = flags.DEFINE_string("out", "bench_results/fokker_planck.json", "Where to write the JSON.")
 _GRIDS = flags.DEFINE_list("grids", ["256", "512", "1024"], "Base grid sizes.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2500, "Samples per density.")
 _SEED = flags.DEFINE_integer("seed", 3, "Seed of the family density used for timing.")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import sys
@@ -46,6 +45,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ddpm_ot_jax import semidiscrete  # pylint: disable=g-import-not-at-top
+from ddpm_ot_jax.experiments import common  # pylint: disable=g-import-not-at-top
 from ott.geometry import semidiscrete_pointcloud  # pylint: disable=g-import-not-at-top
 from ott.problems.linear import semidiscrete_linear_problem  # pylint: disable=g-import-not-at-top
 from ott.solvers.linear import semidiscrete as ott_semidiscrete  # pylint: disable=g-import-not-at-top,line-too-long
@@ -362,11 +362,7 @@ def main(argv):
       "init": _INIT.value,
       "eval_every": _EVAL_EVERY.value, "problems": problems,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  tmp = _OUT.value + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(tmp, _OUT.value)
+  common.write_json(_OUT.value, result)
 
   header = (f"{'problem':8s} {'N×d':>12s} {'solver':26s} {'iters':>7s} {'seconds':>9s} "
             f"{'s/iter':>8s} {'TV':>7s} {'target':>7s} {'reached':>7s}")

@@ -116,8 +116,13 @@ def parse_method(name: str, config: ml_collections.ConfigDict, num_steps_total: 
     raise ValueError(f"dpmot_{steps}: only {available} reverse steps lie below dpmot."
                      f"switch_index={dc.switch_index}; use dpmot_<k> with k ≤ {available} or "
                      f"raise switch_index to at least {steps - 1}.")
-  kwargs = {"ddim": (("eta", float(dc.eta)),), "dpm_solver": DPM_SOLVER_KWARGS}.get(dc.sampler, ())
-  return Method(f"DPM-OT-{steps}", dc.sampler, None if dc.sampler == "ddpm" else steps, True, kwargs)
+  return Method(f"DPM-OT-{steps}", dc.sampler, None if dc.sampler == "ddpm" else steps, True,
+                _dpmot_sampler_kwargs(dc))
+
+
+def _dpmot_sampler_kwargs(dc: ml_collections.ConfigDict) -> tuple:
+  """The settings of `dpmot.sampler` for the reverse steps from x_M."""
+  return {"ddim": (("eta", float(dc.eta)),), "dpm_solver": DPM_SOLVER_KWARGS}.get(dc.sampler, ())
 
 
 def _key(name: str) -> str:
@@ -484,6 +489,10 @@ def _validate(config) -> None:
     raise ValueError(f"evaluation.num_samples must exceed pr_k={ec.pr_k}.")
   if dc.ot.error_batch_size < 0:
     raise ValueError("dpmot.ot.error_batch_size must be ≥ 0 (0: the solver's default).")
+  if dc.switch_sweep and dc.sampler == "ddpm":
+    raise ValueError("dpmot.switch_sweep compares switch steps at a fixed NFE "
+                     "(dpmot.sweep_num_steps), which the 'ddpm' sampler (every step from M) "
+                     "cannot keep: use dpmot.sampler='ddim' or 'dpm_solver', or switch_sweep=().")
   for m in dc.switch_sweep:
     if not dc.sweep_num_steps <= m + 1 <= n_steps:
       raise ValueError(f"switch_sweep index {m} cannot take {dc.sweep_num_steps} steps.")
@@ -610,19 +619,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   if dc.switch_sweep:
     results.update(_sweep(config, expressway, model, params, view, mesh, train_set, evaluator,
-                          reference_features, targets, novelty_pixels, method_key, workdir))
+                          reference_features, targets, novelty_pixels, method_key, workdir,
+                          floor["fid"]))
   results["seconds"] = watch.seconds()
   return results
 
 
 def _sweep(config, expressway, model, params, view, mesh, train_set, evaluator, reference_features,
-           targets, novelty_pixels, method_key, workdir) -> dict:
-  """FID vs memorization of DPM-OT at fixed NFE over switch indices M (plot + keys)."""
+           targets, novelty_pixels, method_key, workdir, floor_fid: float) -> dict:
+  """FID vs memorization of DPM-OT at fixed NFE over switch indices M (plot, with the data
+  floor's FID, + keys)."""
   dc, ec = config.dpmot, config.evaluation
   fids, copies, ratios = [], [], []
   for m in dc.switch_sweep:
-    ot_map, diag, _, ot_fp = expressway(m, dc.sweep_ot_iterations)
-    method = Method(f"DPM-OT-{dc.sweep_num_steps}@{m}", "ddim", dc.sweep_num_steps, True, (("eta", float(dc.eta)),))
+    # At the run's own switch step the main potential (same latents, its iterations) is reused.
+    iterations = dc.ot.num_iterations if m == dc.switch_index else dc.sweep_ot_iterations
+    ot_map, diag, _, ot_fp = expressway(m, iterations)
+    method = Method(f"DPM-OT-{dc.sweep_num_steps}@{m}", dc.sampler, dc.sweep_num_steps, True,
+                    _dpmot_sampler_kwargs(dc))
     fp = stages.fingerprint(dict(ot=ot_fp, method=dataclasses.asdict(method), n=ec.num_samples,
                                  batch_size=ec.batch_size, seed=config.seed))
 
@@ -646,6 +660,8 @@ def _sweep(config, expressway, model, params, view, mesh, train_set, evaluator, 
   for m, x, y in zip(dc.switch_sweep, ratios, fids):
     ax.annotate(f"M={m}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
   ax.axvline(1.0, color="k", ls=":", lw=0.8)
+  ax.axhline(floor_fid, color="tab:gray", ls="--", lw=0.8, label="data floor (held-out images)")
+  ax.legend(loc="upper left", fontsize=8)
   ax.set_xlabel("median nearest-target distance / held-out's (→ 0: copies)")
   ax.set_ylabel(f"FID ({evaluator.feature_name} features)")
   ax.set_title(f"DPM-OT at {dc.sweep_num_steps} NFE: switch step M")
