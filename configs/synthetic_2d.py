@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
   # ε_rel against the number of samples n, on the first densities.
   config.sweep_num_samples = (500, 1000, 2500, 5000)
   config.sweep_num_densities = 3
+  # Re-solve the densities of largest ε_rel at 2× table size and time levels, 100× tighter
+  # tolerances (same samples): the numerical error of what the run reports.
+  config.convergence_check_worst = 3
   # Figures.
   config.num_figure_densities = 8
   config.num_trajectory_points = 150

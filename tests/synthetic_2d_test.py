@@ -26,6 +26,7 @@ def tiny_config():
   config.sweep_num_densities = 1
   config.num_figure_densities = 2
   config.num_trajectory_points = 10
+  config.convergence_check_worst = 0
   return config
 
 
@@ -58,6 +59,22 @@ class Synthetic2DTest(absltest.TestCase):
     np.testing.assert_array_less(np.array(results["cost_ot"]) - 1e-12, np.array(results["cost_encoder"]))
     # X1 ≈ N(0, I): both coordinates have roughly unit variance.
     np.testing.assert_allclose(np.var(arrays["x1"].reshape(-1, 2), axis=0), 1.0, atol=0.35)
+
+  def test_convergence_check_resolves_the_worst_density(self):
+    """The check re-solves the density of largest ε_rel on the finer grid: it reports that
+    index, and its codes move by far less than their scale (a wrong density or sample draw
+    would move them by O(1))."""
+    config = tiny_config()
+    config.num_densities = 2
+    config.sweep_num_samples = ()
+    config.num_figure_densities = 1
+    config.convergence_check_worst = 1
+    with tempfile.TemporaryDirectory() as workdir:
+      results = synthetic_2d.run(config, workdir)
+    worst = int(np.argmax(results["ot_relative_error"]))
+    self.assertEqual(results["convergence_indices"], [worst])
+    self.assertLess(results["convergence_code_relative_change"][0], 1e-3)
+    self.assertGreaterEqual(results["convergence_ot_relative_error_fine"][0], 0.0)
 
   def test_bad_config_is_a_clear_error(self):
     """A wrong value stops with a ValueError that names the field."""
