@@ -31,7 +31,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # torch (CPU build) and diffusers are the reference forward pass of the UNet importer test.
-    "test": ["pytest==9.0.3", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0",
+    # pytest-xdist: the suite runs as two workers (`-n 2`), one per core of the CI machine.
+    "test": ["pytest==9.0.3", "pytest-xdist==3.8.0", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0",
              "torch==2.13.0", "diffusers==0.42.1"],
     "notebooks": ["nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
 }

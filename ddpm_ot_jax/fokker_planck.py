@@ -309,7 +309,6 @@ def _solve_component(log_density, params, base_logp, nodes, times, zeta, spec: G
   """Spline coefficients in ζ of R_k(t_j, ·) on every level into out (n_t, n_c, n_c)."""
   h = spec.base_spacing
   lam_ = spec.box_log_drop
-  n_z = len(zeta)
   lmax_base = base_logp.max()
   w = np.exp(base_logp - lmax_base)
   mass_rel = w.sum()

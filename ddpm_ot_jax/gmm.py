@@ -110,3 +110,21 @@ def random_mixture(
   lam = jnp.exp(jax.random.uniform(k_l, (num_components, dims), dtype, jnp.log(eig_min), jnp.log(eig_max)))
   covs = jnp.einsum("kij,kj,klj->kil", q, lam, q)
   return GaussianMixture(weights, means, 0.5 * (covs + jnp.swapaxes(covs, -1, -2)))
+
+
+# Component log densities in the (params, y) -> log p_k(y) form of `fokker_planck.LogDensity`,
+# so a mixture can be handed to the grid solver with its exact score as the reference.
+
+
+def gaussian_log_density(params: tuple[Array, Array], y: Array) -> Array:
+  """log N(y; m, S) for params = (m, S): one Gaussian component."""
+  mean, cov = params
+  return jax.scipy.stats.multivariate_normal.logpdf(y, mean, cov)
+
+
+def gaussian_pair_log_density(params: tuple[Array, Array], y: Array) -> Array:
+  """log (½ N(y; m_1, S_1) + ½ N(y; m_2, S_2)) for params = (means (2, d), covs (2, d, d)):
+  a smooth non-Gaussian component (its grid residual R is not zero)."""
+  means, covs = params
+  logs = jax.vmap(lambda m, c: jax.scipy.stats.multivariate_normal.logpdf(y, m, c))(means, covs)
+  return jax.scipy.special.logsumexp(logs) - jnp.log(2.0)

@@ -19,7 +19,6 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ddpm_ot_jax import flow  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -49,17 +49,6 @@ _SCHEDULE = sde.ConstantSchedule(2.0, 8.0)
 _OPTIONS = flow.SolverOptions(solver="dopri8", rtol=1e-8, atol=1e-8)
 
 
-def gaussian_log_density(params, y):
-  mean, cov = params
-  return jax.scipy.stats.multivariate_normal.logpdf(y, mean, cov)
-
-
-def pair_log_density(params, y):
-  means, covs = params
-  logs = jax.vmap(lambda m, c: jax.scipy.stats.multivariate_normal.logpdf(y, m, c))(means, covs)
-  return jax.scipy.special.logsumexp(logs) - jnp.log(2.0)
-
-
 def validation_mixture():
   """Six Gaussians in three overlapping pairs (the family's scale: std 0.3–0.7, spread ~2)."""
   base = gmm.random_mixture(jax.random.PRNGKey(0), 2, 3, mean_scale=1.5, eig_min=0.08, eig_max=0.5)
@@ -94,8 +83,8 @@ def accuracy(grid_size: int) -> dict:
   spec = fp.GridSpec(grid_size=grid_size)
   out = {}
   for name, log_density, params, log_w in (
-      ("gaussian", gaussian_log_density, [(full.means[k], full.covs[k]) for k in range(6)], np.log(full.weights)),
-      ("pairs", pair_log_density, [(means[k], covs[k]) for k in range(3)], np.log(weights))):
+      ("gaussian", gmm.gaussian_log_density, [(full.means[k], full.covs[k]) for k in range(6)], np.log(full.weights)),
+      ("pairs", gmm.gaussian_pair_log_density, [(means[k], covs[k]) for k in range(3)], np.log(weights))):
     tables, _ = fp.solve(log_density, params, log_w, spec)
     for t in _TIMES:
       errors = mass_region_error(tables, full, t)

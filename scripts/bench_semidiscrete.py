@@ -160,7 +160,6 @@ def run_ott(targets: np.ndarray, g_init: np.ndarray, judge: Judge, key: jax.Arra
             num_iterations: int, batch_size: int, learning_rate: float,
             eval_every: int) -> RunResult:
   y = jnp.asarray(targets)
-  n = y.shape[0]
   geom = semidiscrete_pointcloud.SemidiscretePointCloud(_normal, y, epsilon=0.0)
   prob = semidiscrete_linear_problem.SemidiscreteLinearProblem(geom)
   solver = ott_semidiscrete.SemidiscreteSolver(

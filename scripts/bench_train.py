@@ -37,7 +37,6 @@ _OUT = flags.DEFINE_string("out", os.path.join(_REPO, "bench_results", "bench_tr
 
 def _bench(name: str, config, batch_size: int, train_steps: int, sample_batch: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from ddpm_ot_jax import samplers  # pylint: disable=g-import-not-at-top

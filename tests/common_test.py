@@ -38,5 +38,15 @@ class WriteJsonTest(absltest.TestCase):
       self.assertEqual(os.listdir(d), ["r.json"])
 
 
+class ProgressBarTest(absltest.TestCase):
+
+  def test_fill_is_proportional_and_clamped(self):
+    """Filled cells are floor(done · width / total), never more than the width."""
+    self.assertEqual(common.progress_bar(0, 150), "[" + "." * 20 + "]")
+    self.assertEqual(common.progress_bar(75, 150), "[" + "#" * 10 + "." * 10 + "]")
+    self.assertEqual(common.progress_bar(149, 150, width=10), "[" + "#" * 9 + "." + "]")
+    self.assertEqual(common.progress_bar(200, 150, width=4), "[####]")
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -33,8 +33,10 @@ def _write_cifar_batch(path: str, images: np.ndarray, labels: np.ndarray) -> Non
                  b"data": rows, b"filenames": [b"x.png"] * len(images)}, f, protocol=2)
 
 
-def _fake_cifar(root: str, per_batch: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
-  """Writes data_batch_1..5 and test_batch with random pixels; returns the uint8 arrays."""
+def fake_cifar(root: str, per_batch: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
+  """Writes data_batch_1..5 and test_batch of random pixels in the CIFAR-10 python format under
+  root/cifar-10-batches-py (every test that needs a CIFAR-10 folder uses this); returns the
+  uint8 arrays."""
   rng = np.random.default_rng(seed)
   folder = os.path.join(root, data.CIFAR10_FOLDER)
   os.makedirs(folder, exist_ok=True)
@@ -94,7 +96,7 @@ class Cifar10Test(absltest.TestCase):
 
   def test_roundtrip(self):
     """Pixels read back equal x/127.5 − 1 of what was written, in HWC order, with labels."""
-    written = _fake_cifar(self.root)
+    written = fake_cifar(self.root)
     train = data.load_cifar10(self.root, "train")
     test = data.load_cifar10(self.root, "test")
     images = np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)])
@@ -121,7 +123,7 @@ class Cifar10Test(absltest.TestCase):
 
   def test_missing_and_corrupt_batch(self):
     """A missing batch file is FileNotFoundError; a garbled one is ValueError naming it."""
-    _fake_cifar(self.root)
+    fake_cifar(self.root)
     folder = os.path.join(self.root, data.CIFAR10_FOLDER)
     os.remove(os.path.join(folder, "data_batch_3"))
     with self.assertRaisesRegex(FileNotFoundError, "data_batch_3"):
@@ -136,7 +138,7 @@ class Cifar10Test(absltest.TestCase):
   def test_extract_checks_md5(self):
     """extract_cifar10 rejects an archive with the wrong md5 and installs a right one."""
     source = _tempdir(self)
-    _fake_cifar(source)
+    fake_cifar(source)
     archive = os.path.join(source, "cifar-10-python.tar.gz")
     with tarfile.open(archive, "w:gz") as tar:
       tar.add(os.path.join(source, data.CIFAR10_FOLDER), arcname=data.CIFAR10_FOLDER)
@@ -227,7 +229,7 @@ class CheckDatasetTest(absltest.TestCase):
         data.check_dataset(*case)
       self.assertEqual(str(checking.exception), str(loading.exception), case)
     self.assertIsNone(data.check_dataset("digits", "heldout"))
-    _fake_cifar(root)
+    fake_cifar(root)
     self.assertIsNone(data.check_dataset("cifar10", "test", root))
     bad = os.path.join(root, "train", "cls", "bad.png")
     os.makedirs(os.path.dirname(bad))

@@ -217,7 +217,7 @@ class Cifar10FlagshipTest(absltest.TestCase):
     row, NFE 10, no classifier keys (no NaN placeholder); the switch-step sweep writes its
     samples file and figure."""
     with tempfile.TemporaryDirectory() as tmp:
-      data_test._fake_cifar(tmp, per_batch=8)
+      data_test.fake_cifar(tmp, per_batch=8)
       weights = os.path.join(tmp, "fid.pth")
       fake_weights.write_fake_fid_weights(weights)
       folders = [os.path.join(tmp, name) for name in ("ddpm-a", "ddpm-b")]
@@ -271,12 +271,11 @@ class MissingInputsTest(absltest.TestCase):
       missing_data = os.path.join(tmp, "no-cifar")
       missing_weights = os.path.join(tmp, "no-weights.pth")
       workdir = os.path.join(tmp, "run")
-      proc = subprocess.run(
-          [sys.executable, os.path.join(ROOT, "scripts", "main.py"),
-           "--config=" + os.path.join(ROOT, "configs", "cifar10_dpmot.py"),
-           f"--config.data.root={missing_data}",
-           f"--config.evaluation.inception_weights={missing_weights}", f"--workdir={workdir}"],
-          capture_output=True, text=True, timeout=180, cwd=ROOT)
+      proc = experiment_case.run_main(
+          "--config=" + os.path.join(ROOT, "configs", "cifar10_dpmot.py"),
+          f"--config.data.root={missing_data}",
+          f"--config.evaluation.inception_weights={missing_weights}", f"--workdir={workdir}",
+          timeout=180)
       self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
       errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
       self.assertLen(errors, 1, proc.stderr[-2000:])

@@ -1,10 +1,22 @@
-"""A test case that runs one experiment per class, in float32, in a temporary workdir."""
+"""Shared test helpers: a case that runs one experiment per class (float32, temporary
+workdir), and scripts/main.py in a subprocess."""
+import os
+import subprocess
+import sys
 import tempfile
 
 from absl.testing import absltest
 import jax
 
 from ddpm_ot_jax.experiments import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args: str, cwd: str = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
+  """`python scripts/main.py *args` in `cwd`; returns the finished process (text output)."""
+  return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "main.py"), *args],
+                        cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 class ExperimentRunCase(absltest.TestCase):

@@ -17,26 +17,13 @@ SPEC = fp.GridSpec(grid_size=256, num_time_steps=64, table_size=64)
 OPTIONS = flow.SolverOptions(solver="dopri8", rtol=1e-9, atol=1e-9)
 
 
-def gaussian_log_density(params, y):
-  """log N(y; m, C) for params = (m, C): one component."""
-  mean, cov = params
-  return jax.scipy.stats.multivariate_normal.logpdf(y, mean, cov)
-
-
-def pair_log_density(params, y):
-  """log of an equal mixture of two Gaussians (a smooth non-Gaussian component)."""
-  means, covs = params
-  logs = jax.vmap(lambda m, c: jax.scipy.stats.multivariate_normal.logpdf(y, m, c))(means, covs)
-  return jax.scipy.special.logsumexp(logs) - jnp.log(2.0)
-
-
 def _mixture():
   return gmm.random_mixture(jax.random.PRNGKey(0), 2, 3, mean_scale=1.5, eig_min=0.08, eig_max=0.5)
 
 
 def _pairs(mix):
   """Each component of `mix` split into a pair of overlapping Gaussians: (per-component
-  params of pair_log_density, the equivalent 2K-component GaussianMixture)."""
+  params of gmm.gaussian_pair_log_density, the equivalent 2K-component GaussianMixture)."""
   offsets = jnp.array([[0.35, 0.1], [-0.2, 0.3], [0.1, -0.3]])
   means = jnp.stack([mix.means + offsets, mix.means - offsets], 1)  # (3, 2, 2)
   covs = jnp.stack([mix.covs, mix.covs[::-1]], 1)
@@ -58,7 +45,7 @@ class FokkerPlanckTest(absltest.TestCase):
     super().setUpClass()
     cls.mixture = _mixture()
     params = [(cls.mixture.means[k], cls.mixture.covs[k]) for k in range(3)]
-    cls.tables, cls.info = fp.solve(gaussian_log_density, params, np.log(cls.mixture.weights), SPEC)
+    cls.tables, cls.info = fp.solve(gmm.gaussian_log_density, params, np.log(cls.mixture.weights), SPEC)
     cls.x0 = gmm.sample(cls.mixture, jax.random.PRNGKey(1), 300)
 
   def test_time_warp_round_trip(self):
@@ -124,7 +111,7 @@ class FokkerPlanckTest(absltest.TestCase):
     errors = []
     for size in (32, 64):
       spec = fp.GridSpec(grid_size=128, num_time_steps=32, table_size=size)
-      tables, _ = fp.solve(pair_log_density, params, np.log(mix.weights), spec)
+      tables, _ = fp.solve(gmm.gaussian_pair_log_density, params, np.log(mix.weights), spec)
       errors.append(_max_relative_score_error(fp.batch_score(tables, xt, 0.02), want))
     self.assertLess(errors[1], 3e-3)
     self.assertLess(errors[1], errors[0] / 8)  # quintic splines: ~h^5–h^6
@@ -142,7 +129,7 @@ class FokkerPlanckTest(absltest.TestCase):
     """
     params, full = _pairs(self.mixture)
     spec = fp.GridSpec(grid_size=256, num_time_steps=64, table_size=128)
-    tables, _ = fp.solve(pair_log_density, params, np.log(self.mixture.weights), spec)
+    tables, _ = fp.solve(gmm.gaussian_pair_log_density, params, np.log(self.mixture.weights), spec)
     x0 = gmm.sample(full, jax.random.PRNGKey(1), 200)
     got = fp.encode(tables, x0, options=OPTIONS).x
     want = flow.encode(SCHEDULE, gmm.score_fn(full, SCHEDULE), x0, options=OPTIONS).x

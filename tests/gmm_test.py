@@ -41,6 +41,18 @@ class GMMTest(absltest.TestCase):
     np.testing.assert_allclose(
         gmm.score_fn(one, sched)(x, 0.4), gaussian.score_fn(sched, one.means[0], one.covs[0])(x, 0.4), atol=1e-12)
 
+  def test_component_log_densities_match_the_mixture(self):
+    """The grid solver's component densities: a Gaussian component and an equal pair of them
+    give the log density of the corresponding one- and two-component mixtures."""
+    pair = gmm.random_mixture(jax.random.PRNGKey(3), dims=2, num_components=2)
+    pair = gmm.GaussianMixture(jnp.full((2,), 0.5), pair.means, pair.covs)
+    one = gmm.GaussianMixture(jnp.ones((1,)), pair.means[:1], pair.covs[:1])
+    for y in jax.random.normal(jax.random.PRNGKey(4), (5, 2)) * 2:
+      self.assertAlmostEqual(float(gmm.gaussian_log_density((pair.means[0], pair.covs[0]), y)),
+                             float(gmm.log_prob(one, y)), delta=1e-12)
+      self.assertAlmostEqual(float(gmm.gaussian_pair_log_density((pair.means, pair.covs), y)),
+                             float(gmm.log_prob(pair, y)), delta=1e-12)
+
   def test_sampling_and_diffusion_moments(self):
     """Samples match the mixture's mean/covariance, and perturbed samples match μ_t's (MC)."""
     x = gmm.sample(self.mixture, jax.random.PRNGKey(3), 200_000)

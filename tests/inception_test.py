@@ -14,7 +14,6 @@ import zipfile
 from absl.testing import absltest
 import numpy as np
 
-import jax
 import jax.numpy as jnp
 
 from ddpm_ot_jax import metrics

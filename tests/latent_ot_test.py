@@ -1,9 +1,6 @@
 """Tests of the latent-code OT experiment (Figure 7) on a tiny digits run, and its clear errors."""
 import json
 import os
-import pickle
-import subprocess
-import sys
 import tempfile
 from unittest import mock
 
@@ -17,6 +14,7 @@ from ddpm_ot_jax import data
 from ddpm_ot_jax import ot
 from ddpm_ot_jax.experiments import latent_ot
 
+import data_test
 import experiment_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,16 +168,6 @@ class DataSelectionTest(absltest.TestCase):
       latent_ot.model_spec(clases=(1,))
 
 
-def _write_fake_cifar_test_batch(root: str, n: int = 12) -> None:
-  folder = os.path.join(root, data.CIFAR10_FOLDER)
-  os.makedirs(folder)
-  rng = np.random.default_rng(0)
-  batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-           b"labels": rng.integers(0, 10, n).tolist()}
-  with open(os.path.join(folder, "test_batch"), "wb") as f:
-    pickle.dump(batch, f)
-
-
 class PaperScaleErrorsTest(absltest.TestCase):
 
   def test_missing_cifar_folder_through_main(self):
@@ -187,11 +175,9 @@ class PaperScaleErrorsTest(absltest.TestCase):
     the folder it looked in, no traceback."""
     missing = os.path.join(tempfile.gettempdir(), "no-cifar-here-7f3a")
     with tempfile.TemporaryDirectory() as workdir:
-      proc = subprocess.run(
-          [sys.executable, os.path.join(ROOT, "scripts", "main.py"),
-           "--config=" + os.path.join(ROOT, "configs", "cifar10_latent_ot.py"),
-           f"--config.data.root={missing}", f"--workdir={workdir}"],
-          capture_output=True, text=True, timeout=120, cwd=ROOT)
+      proc = experiment_case.run_main(
+          "--config=" + os.path.join(ROOT, "configs", "cifar10_latent_ot.py"),
+          f"--config.data.root={missing}", f"--workdir={workdir}", timeout=120)
     self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
     self.assertIn(missing, proc.stderr)
     self.assertNotIn("Traceback", proc.stderr)
@@ -200,7 +186,7 @@ class PaperScaleErrorsTest(absltest.TestCase):
     """With the (fake) CIFAR-10 test batch present but no diffusers weights, the run stops
     with FileNotFoundError naming the weights path, before any training."""
     with tempfile.TemporaryDirectory() as tmp:
-      _write_fake_cifar_test_batch(tmp)
+      data_test.fake_cifar(tmp)
       config = cifar10_latent_ot.get_config()
       config.data.root = tmp
       config.latent_ot.num_images = (5,)

@@ -1,19 +1,13 @@
 """scripts/main.py end to end: overrides, output files, and one clear message per user error."""
 import json
 import os
-import subprocess
-import sys
 import tempfile
 
 from absl.testing import absltest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import experiment_case
 
-
-def _main(*args, cwd=ROOT):
-  return subprocess.run(
-      [sys.executable, os.path.join(ROOT, "scripts", "main.py"), *args],
-      cwd=cwd, capture_output=True, text=True, timeout=600)
+_main = experiment_case.run_main
 
 
 class MainTest(absltest.TestCase):

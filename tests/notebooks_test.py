@@ -127,7 +127,7 @@ class StoredNotebooksTest(absltest.TestCase):
     ./ddpm_ot_jax, installs it with `pip install -e`, changes into it and puts it first on
     sys.path (git and pip are recorded, not run)."""
     with tempfile.TemporaryDirectory() as tmp:
-      record = f"""
+      record = """
           commands = []
           def fake_run(command, check=False):
             commands.append(list(command))

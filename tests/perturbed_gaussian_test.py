@@ -3,7 +3,6 @@ import tempfile
 
 from absl.testing import absltest
 import jax
-import numpy as np
 
 from configs import perturbed_gaussian as perturbed_gaussian_config
 from ddpm_ot_jax.experiments import perturbed_gaussian

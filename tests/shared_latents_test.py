@@ -1,8 +1,6 @@
 """Tests of the shared-latents experiment (Figures 5–6) on a tiny digits run, and its clear errors."""
 import itertools
 import os
-import subprocess
-import sys
 import tempfile
 from unittest import mock
 
@@ -11,6 +9,7 @@ import numpy as np
 
 from configs import digits_shared_latents
 from ddpm_ot_jax.experiments import shared_latents
+
 import experiment_case
 import latent_ot_test
 
@@ -119,11 +118,9 @@ class PaperScaleErrorsTest(absltest.TestCase):
     the folder it looked for, no traceback."""
     missing = os.path.join(tempfile.gettempdir(), "no-afhq-here-7f3a")
     with tempfile.TemporaryDirectory() as workdir:
-      proc = subprocess.run(
-          [sys.executable, os.path.join(ROOT, "scripts", "main.py"),
-           "--config=" + os.path.join(ROOT, "configs", "afhq_shared_latents.py"),
-           f"--config.data.root={missing}", f"--workdir={workdir}"],
-          capture_output=True, text=True, timeout=120, cwd=ROOT)
+      proc = experiment_case.run_main(
+          "--config=" + os.path.join(ROOT, "configs", "afhq_shared_latents.py"),
+          f"--config.data.root={missing}", f"--workdir={workdir}", timeout=120)
     self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
     self.assertIn(os.path.join(missing, "train", "cat"), proc.stderr)
     self.assertNotIn("Traceback", proc.stderr)

@@ -4,7 +4,6 @@ All digits runs share one tiny UNet and hyperparameters, so the train step compi
 """
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from ddpm_ot_jax.experiments import ddpm_training
 from ddpm_ot_jax.experiments import train_ddpm
 from ddpm_ot_jax.models import diffusers_import
 from ddpm_ot_jax.models import unet
+
+import data_test
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.1,
@@ -197,7 +198,7 @@ class TrainLoopTest(absltest.TestCase):
     messages = [r.getMessage() for r in logs.records]
     count_line = next(i for i, m in enumerate(messages) if m.endswith(" parameters"))
     self.assertEqual(messages[count_line], f"UNet: {results['params']:,} parameters")
-    first_step = next(i for i, m in enumerate(messages) if m.startswith("step 2/4"))
+    first_step = next(i for i, m in enumerate(messages) if "] step 2/4 " in m)
     self.assertLess(count_line, first_step)
     self.assertGreaterEqual(sample.call_count, 3)  # one grid + two chunks of final samples
     for call in sample.call_args_list:
@@ -375,18 +376,6 @@ class PaddedShardedSamplingTest(absltest.TestCase):
     self.assertIn("OK", proc.stdout)
 
 
-def _write_fake_cifar(root: str, per_batch: int = 4) -> None:
-  """cifar-10-batches-py with 5 training batches and a test batch of random uint8 images."""
-  folder = os.path.join(root, data.CIFAR10_FOLDER)
-  os.makedirs(folder)
-  rng = np.random.default_rng(0)
-  for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-    batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-             b"labels": list(rng.integers(0, 10, per_batch))}
-    with open(os.path.join(folder, name), "wb") as f:
-      pickle.dump(batch, f)
-
-
 class Cifar10ConfigTest(absltest.TestCase):
 
   def setUp(self):
@@ -411,7 +400,7 @@ class Cifar10ConfigTest(absltest.TestCase):
   def test_tiny_run_on_fake_cifar_folder(self):
     """With tiny overrides the CIFAR-10 config trains 2 steps on a fake cifar-10-batches-py,
     checkpoints both steps, and samples 32×32×3 images."""
-    _write_fake_cifar(self.root)
+    data_test.fake_cifar(self.root)
     config = cifar10_ddpm.get_config()
     config.data.root = self.root
     config.model.update(dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),

@@ -7,10 +7,13 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import jax
 import numpy as np
+
+if TYPE_CHECKING:
+  import matplotlib.figure
 
 
 @contextlib.contextmanager
@@ -70,6 +73,12 @@ def save_figure(fig: "matplotlib.figure.Figure", path: str, dpi: int = 120) -> N
     fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
   if "matplotlib.pyplot" in sys.modules:
     sys.modules["matplotlib.pyplot"].close(fig)
+
+
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+  """'[#####...............]' for `done` of `total`, the prefix of long runs' log lines."""
+  filled = min(width, done * width // max(total, 1))
+  return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
 def set_precision(x64: bool) -> None:

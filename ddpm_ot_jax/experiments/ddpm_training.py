@@ -438,8 +438,9 @@ def train_ddpm(config: ml_collections.ConfigDict, workdir: str, dataset: data.Im
         if is_chief:
           with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        logging.info("step %d/%d  loss %.5f (mean of %d steps)  %.2f steps/s  ETA %s", done,
-                     num_steps, loss_mean, num_losses, steps_per_second, _format_seconds(eta))
+        logging.info("%s step %d/%d  loss %.5f (mean of %d steps)  %.2f steps/s  ETA %s",
+                     common.progress_bar(done, num_steps), done, num_steps, loss_mean, num_losses,
+                     steps_per_second, _format_seconds(eta))
       if is_ckpt:
         if not train.tree_is_finite(state.params):
           raise NonFiniteLossError(_nonfinite_message(done, "parameters", last_good, ckpt_dir))

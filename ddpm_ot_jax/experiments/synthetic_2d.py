@@ -240,9 +240,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     elapsed = time.perf_counter() - start
     eta = elapsed / (i + 1) * (config.num_densities - i - 1)
     stage_text = " ".join(f"{s}={result.seconds[s]:.2f}" for s in STAGES)
-    done = (i + 1) * 20 // config.num_densities
-    logging.info("[%s%s] %d/%d K=%d eps_rel=%.3g identity=%.3f asym=%.2g nfe=%d | %s | %.1fs elapsed, ETA %s",
-                 "#" * done, "." * (20 - done), i + 1, config.num_densities, result.mixture.num_components,
+    logging.info("%s %d/%d K=%d eps_rel=%.3g identity=%.3f asym=%.2g nfe=%d | %s | %.1fs elapsed, ETA %s",
+                 common.progress_bar(i + 1, config.num_densities), i + 1, config.num_densities,
+                 result.mixture.num_components,
                  result.ot_relative_error,
                  result.identity_fraction, result.jacobian_asymmetry_median, result.nfe, stage_text, elapsed,
                  _format_seconds(eta))
