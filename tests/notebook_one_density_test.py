@@ -6,31 +6,11 @@ small settings, the test inserts a cell after it with smaller ones (papermill-st
 notebook with nbclient (python3 kernel, cwd = repo root) and reads the `NOTEBOOK_SUMMARY {json}`
 line that the last cell prints.
 """
-import json
-import os
-
 from absl.testing import absltest
-import nbclient
-import nbformat
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOK = os.path.join(ROOT, "colab", "00_one_density.ipynb")
+from colab import run_notebook
+
 OVERRIDES = "GRID = 128\nSTEPS = 32\nTABLE = 48\nN = 400\nJACOBIAN_POINTS = 20\n"
-
-
-def execute(overrides: str) -> dict:
-  """Runs the notebook with `overrides` injected after its parameters cell; returns the
-  parsed NOTEBOOK_SUMMARY of its last cell."""
-  nb = nbformat.read(NOTEBOOK, as_version=4)
-  index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", ()))
-  injected = nbformat.v4.new_code_cell(overrides)
-  injected.metadata["tags"] = ["injected-parameters"]
-  nb.cells.insert(index + 1, injected)
-  client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": ROOT}})
-  client.execute()
-  text = "".join(out.get("text", "") for out in nb.cells[-1].outputs if out.get("name") == "stdout")
-  line = next(l for l in text.splitlines() if l.startswith("NOTEBOOK_SUMMARY "))
-  return json.loads(line[len("NOTEBOOK_SUMMARY "):])
 
 
 class OneDensityNotebookTest(absltest.TestCase):
@@ -42,7 +22,7 @@ class OneDensityNotebookTest(absltest.TestCase):
     Jacobian is orientation-preserving with a median asymmetry ‖J − Jᵀ‖/‖J‖ between 1e-3 and 0.2
     (this K = 5 density measured 0.051 here and 0.032 at the notebook's own settings: far above
     the solver's ~1e-8, so the encoder is not a gradient map, while ε_rel = 0)."""
-    summary = execute(OVERRIDES)
+    _, summary = run_notebook.execute("00_one_density.ipynb", OVERRIDES, timeout_s=300)
     self.assertBetween(summary["num_components"], 1, 5)
     self.assertLess(summary["component_mass_max_err"], 1e-9)
     self.assertLess(summary["score_err_t0"], 1e-8)

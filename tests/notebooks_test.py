@@ -20,15 +20,15 @@ import tempfile
 import textwrap
 
 from absl.testing import absltest
-import nbclient
 import nbformat
 
+from colab import run_notebook
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COLAB = os.path.join(ROOT, "colab")
-TIMEOUT_S = 600
 REPO_URL = "https://github.com/ddpm-ot-jax/ddpm_ot_jax"
-NOTEBOOKS = ("00_one_density.ipynb", "01_encoder_is_ot_theory.ipynb", "02_dpmot_digits.ipynb",
-             "03_latent_codes.ipynb")
+COLAB = run_notebook.COLAB
+NOTEBOOKS = run_notebook.NOTEBOOKS
+execute = run_notebook.execute
 
 
 def code_cells(name: str) -> list[nbformat.NotebookNode]:
@@ -54,22 +54,6 @@ def run_install_cell(cwd: str, prelude: str = "") -> subprocess.CompletedProcess
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   return subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True,
                         timeout=120, env=env)
-
-
-def execute(name: str, overrides: str) -> tuple[nbformat.NotebookNode, dict]:
-  """Runs colab/<name> with `overrides` injected after its parameters cell; returns the
-  executed notebook and the parsed NOTEBOOK_SUMMARY of its last cell."""
-  nb = nbformat.read(os.path.join(COLAB, name), as_version=4)
-  index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", ()))
-  injected = nbformat.v4.new_code_cell(overrides)
-  injected.metadata["tags"] = ["injected-parameters"]
-  nb.cells.insert(index + 1, injected)
-  client = nbclient.NotebookClient(nb, timeout=TIMEOUT_S, kernel_name="python3",
-                                   resources={"metadata": {"path": ROOT}})
-  client.execute()
-  text = "".join(out.get("text", "") for out in nb.cells[-1].outputs if out.get("name") == "stdout")
-  line = next(l for l in text.splitlines() if l.startswith("NOTEBOOK_SUMMARY "))
-  return nb, json.loads(line[len("NOTEBOOK_SUMMARY "):])
 
 
 class StoredNotebooksTest(absltest.TestCase):
