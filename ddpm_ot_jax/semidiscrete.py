@@ -162,7 +162,11 @@ def solve_potential(
       function, so that the jitted solver is cached).
     num_iterations: maximum iterations (rounded up to a multiple of `error_eval_every`).
     batch_size: source samples per iteration.
-    learning_rate: initial Adam learning rate (units of g, i.e. of squared distance).
+    learning_rate: initial Adam learning rate (units of g, i.e. of squared distance). Adam
+      moves each g_j by at most ≈ learning_rate per iteration, so with the cosine decay g
+      travels ≲ learning_rate · num_iterations / 2 from g_init: raise it when the targets
+      are spread wider (the range of the optimal g grows with their spread), or the solve
+      stalls above the threshold.
     chi2_threshold: the χ² level that counts as converged.
     stop_early: stop at the first check below `chi2_threshold` (else run all iterations, the
       full cosine decay).

@@ -91,6 +91,20 @@ class SolvePotentialTest(absltest.TestCase):
     self.assertTrue(diag["converged"])
     self.assertLess(diag["iterations"], 3000)
 
+  def test_learning_rate_bounds_how_far_the_potential_travels(self):
+    """The documented step bound: Adam moves each g_j by ≲ lr per step, so under the cosine
+    decay (mean lr/2) the range of g stays ≤ lr · num_iterations. Targets spread 4× wider
+    need a range (≈ 115, from the converged run at 10× the rate) beyond the small rate's
+    reach (0.05 · 1500 = 75): that run stalls above the threshold, the other converges."""
+    y = 4.0 * TARGETS_2D
+    kwargs = dict(num_iterations=1500, batch_size=512, error_eval_every=500, stop_early=False)
+    g_slow, slow = semidiscrete.solve_potential(jax.random.key(3), y, learning_rate=0.05, **kwargs)
+    g_fast, fast = semidiscrete.solve_potential(jax.random.key(3), y, learning_rate=0.5, **kwargs)
+    self.assertLessEqual(float(np.ptp(np.asarray(g_slow))), 0.05 * 1500 * 1.01)
+    self.assertGreater(float(np.ptp(np.asarray(g_fast))), 0.05 * 1500)
+    self.assertFalse(slow["converged"])
+    self.assertTrue(fast["converged"])
+
   def test_bad_source_is_a_clear_error(self):
     """An unknown source name raises ValueError naming the choices."""
     with self.assertRaisesRegex(ValueError, "gaussian"):

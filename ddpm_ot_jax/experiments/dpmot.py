@@ -548,7 +548,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.warning(
           "The semi-discrete OT at switch step %d did not converge in %d iterations (last χ² "
           "check %.3g > dpmot.ot.chi2_threshold=%g): the cells of the OT map do not hold equal "
-          "mass, so DPM-OT favours some targets. Raise dpmot.ot.num_iterations (or "
+          "mass, so DPM-OT favours some targets. Raise dpmot.ot.learning_rate (Adam moves g "
+          "by at most about lr per step), dpmot.ot.num_iterations (or "
           "dpmot.sweep_ot_iterations) or dpmot.ot.error_batch_size.", switch_index,
           diag.get("iterations", -1), diag.get("chi2_error", float("nan")), dc.ot.chi2_threshold)
     return ot_mapper(latents, g, devices, dc.ot.block_size), diag, lat_fp, ot_fp
