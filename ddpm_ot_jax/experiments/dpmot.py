@@ -574,23 +574,34 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results.update({f"ot_{k}": v for k, v in ot_diag.items()})
   rows, sample_paths = [], {}
   method_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), METHOD_STREAM)
-  for name in ec.methods:
-    method = parse_method(name, config, schedule.num_steps)
-    # evaluation.batch_size sets the chunks, hence the per-chunk keys: part of the input.
-    fp = stages.fingerprint(dict(model=model_fp, method=dataclasses.asdict(method), n=ec.num_samples,
-                                 batch_size=ec.batch_size, seed=config.seed,
-                                 ot=ot_fp if method.dpmot else None,
-                                 switch=dc.switch_index if method.dpmot else None))
 
-    def compute(method=method):
+  def samples(method: Method, ot_map, start_index: int, stem: str, **identity):
+    """`method`'s samples, cached in <workdir>/<stem>-<fp>.npz; fp covers `identity` and the
+    sampling settings (evaluation.batch_size sets the chunks, hence the per-chunk keys).
+    Returns (arrays, path, cached)."""
+    fp = stages.fingerprint(dict(identity, method=dataclasses.asdict(method), n=ec.num_samples,
+                                 batch_size=ec.batch_size, seed=config.seed))
+
+    def compute():
       return _draw(method, model, params, view, mesh,
                    jax.random.fold_in(method_key, _stream(method.name)), ec.num_samples,
-                   ec.batch_size, train_set.image_shape, ot_map, dc.switch_index, dc.source)
+                   ec.batch_size, train_set.image_shape, ot_map, start_index, dc.source)
 
-    path = os.path.join(workdir, f"samples-{_key(method.name)}-{fp[:12]}.npz")
+    path = os.path.join(workdir, f"{stem}-{fp[:12]}.npz")
     arrays, cached = stages.cached_arrays(path, fp, compute)
+    return arrays, path, cached
+
+  def measure(images: np.ndarray, with_memorization: bool = True) -> dict[str, float]:
+    return _metrics(images, evaluator, reference_features, targets, novelty_pixels, config,
+                    with_memorization)
+
+  for name in ec.methods:
+    method = parse_method(name, config, schedule.num_steps)
+    arrays, path, cached = samples(method, ot_map, dc.switch_index, f"samples-{_key(method.name)}",
+                                   model=model_fp, ot=ot_fp if method.dpmot else None,
+                                   switch=dc.switch_index if method.dpmot else None)
     sample_paths[method.name] = path
-    row = _metrics(arrays["images"], evaluator, reference_features, targets, novelty_pixels, config)
+    row = measure(arrays["images"])
     row["nfe"], row["seconds"] = int(arrays["nfe"]), float(arrays["seconds"])
     rows.append((method.name, row))
     ddpm_training.save_image_grid(arrays["images"][:100], os.path.join(workdir, f"samples_{_key(method.name)}.png"),
@@ -601,8 +612,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # The floor's memorization is meaningless when the floor images are the targets themselves.
   same_images = _split_name(config, ec.floor_split) == _split_name(config, dc.target_split)
-  floor = _metrics(floor_set.images, evaluator, reference_features, targets, novelty_pixels, config,
-                   with_memorization=not same_images)
+  floor = measure(floor_set.images, with_memorization=not same_images)
   floor["nfe"] = 0
   rows.append((f"data floor ({ec.floor_split})", floor))
   results.update({f"{k}_data_floor": v for k, v in floor.items() if k != "nfe"})
@@ -619,18 +629,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("\n%s", table)
 
   if dc.switch_sweep:
-    results.update(_sweep(config, expressway, model, params, view, mesh, train_set, evaluator,
-                          reference_features, targets, novelty_pixels, method_key, workdir,
+    results.update(_sweep(config, expressway, samples, measure, evaluator.feature_name, workdir,
                           floor["fid"]))
   results["seconds"] = watch.seconds()
   return results
 
 
-def _sweep(config, expressway, model, params, view, mesh, train_set, evaluator, reference_features,
-           targets, novelty_pixels, method_key, workdir, floor_fid: float) -> dict:
+def _sweep(config, expressway, samples, measure, feature_name: str, workdir: str,
+           floor_fid: float) -> dict:
   """FID vs memorization of DPM-OT at fixed NFE over switch indices M (plot, with the data
-  floor's FID, + keys)."""
-  dc, ec = config.dpmot, config.evaluation
+  floor's FID, + keys); `expressway`, `samples` and `measure` are `run`'s stages."""
+  dc = config.dpmot
   fids, copies, ratios = [], [], []
   for m in dc.switch_sweep:
     # At the run's own switch step the main potential (same latents, its iterations) is reused.
@@ -638,16 +647,8 @@ def _sweep(config, expressway, model, params, view, mesh, train_set, evaluator, 
     ot_map, diag, _, ot_fp = expressway(m, iterations)
     method = Method(f"DPM-OT-{dc.sweep_num_steps}@{m}", dc.sampler, dc.sweep_num_steps, True,
                     _dpmot_sampler_kwargs(dc))
-    fp = stages.fingerprint(dict(ot=ot_fp, method=dataclasses.asdict(method), n=ec.num_samples,
-                                 batch_size=ec.batch_size, seed=config.seed))
-
-    def compute(method=method, m=m, ot_map=ot_map):
-      return _draw(method, model, params, view, mesh,
-                   jax.random.fold_in(method_key, _stream(method.name)), ec.num_samples,
-                   ec.batch_size, train_set.image_shape, ot_map, m, dc.source)
-
-    arrays, _ = stages.cached_arrays(os.path.join(workdir, f"sweep-{m}-{fp[:12]}.npz"), fp, compute)
-    row = _metrics(arrays["images"], evaluator, reference_features, targets, novelty_pixels, config)
+    arrays, _, _ = samples(method, ot_map, m, f"sweep-{m}", ot=ot_fp)
+    row = measure(arrays["images"])
     fids.append(row["fid"])
     copies.append(row["copy_fraction"])
     ratios.append(row["nn_distance_ratio"])
@@ -664,7 +665,7 @@ def _sweep(config, expressway, model, params, view, mesh, train_set, evaluator, 
   ax.axhline(floor_fid, color="tab:gray", ls="--", lw=0.8, label="data floor (held-out images)")
   ax.legend(loc="upper left", fontsize=8)
   ax.set_xlabel("median nearest-target distance / held-out's (→ 0: copies)")
-  ax.set_ylabel(f"FID ({evaluator.feature_name} features)")
+  ax.set_ylabel(f"FID ({feature_name} features)")
   ax.set_title(f"DPM-OT at {dc.sweep_num_steps} NFE: switch step M")
   common.save_figure(fig, os.path.join(workdir, "fid_vs_memorization.png"))
   return {"sweep_switch_indices": list(dc.switch_sweep), "sweep_fid": fids, "sweep_copy_fraction": copies,
