@@ -8,8 +8,6 @@ network, and one error naming every missing input).
 """
 import glob
 import os
-import subprocess
-import sys
 import tempfile
 from unittest import mock
 
@@ -199,10 +197,7 @@ class OtMapperTest(absltest.TestCase):
         "x1, i1 = dpmot.ot_mapper(latents, g, jax.devices()[:1], block_size=4)(z)\n"
         "assert (i4 == i1).all() and (x4 == x1).all(), (i4, i1)\n"
         "print('SAME', len(set(i1.tolist())))\n")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=180, cwd=ROOT, env=env)
+    proc = experiment_case.run_on_cpu_devices("-c", script, timeout=180)
     self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
     self.assertIn("SAME", proc.stdout)
 

@@ -1,5 +1,5 @@
 """Shared test helpers: a case that runs one experiment per class (float32, temporary
-workdir), and scripts/main.py in a subprocess."""
+workdir), scripts/main.py in a subprocess, and Python on several virtual CPU devices."""
 import os
 import subprocess
 import sys
@@ -17,6 +17,17 @@ def run_main(*args: str, cwd: str = ROOT, timeout: float = 600) -> subprocess.Co
   """`python scripts/main.py *args` in `cwd`; returns the finished process (text output)."""
   return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "main.py"), *args],
                         cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def run_on_cpu_devices(*args: str, num_devices: int = 4,
+                       timeout: float = 300) -> subprocess.CompletedProcess:
+  """`python *args` in the repo root (importable) on `num_devices` virtual CPU devices: the
+  XLA flag is set before jax starts, and JAX_PLATFORMS=cpu so that an accelerator install
+  gets them too. Returns the finished process (text output)."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  return subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=timeout)
 
 
 class ExperimentRunCase(absltest.TestCase):

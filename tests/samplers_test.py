@@ -5,9 +5,6 @@ The scores are built on the samplers' own continuous-time view of the DDPM sched
 each sampler's discretisation error and Monte-Carlo error.
 """
 import functools
-import os
-import subprocess
-import sys
 import textwrap
 
 from absl.testing import absltest
@@ -21,6 +18,8 @@ from ddpm_ot_jax import gaussian
 from ddpm_ot_jax import gmm
 from ddpm_ot_jax import samplers
 from ddpm_ot_jax import sde
+
+import experiment_case
 
 jax.config.update("jax_enable_x64", True)
 
@@ -380,8 +379,6 @@ class IdentityTest(SamplerTestCase):
 
 
 _SHARDED_SCRIPT = textwrap.dedent("""
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_enable_x64", True)
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -407,10 +404,7 @@ class ShardedTest(absltest.TestCase):
   def test_sharded_batch_matches_single_device(self):
     """On 4 virtual CPU devices a batch sharded along its axis gives the same DDIM and DDPM
     samples (same noise) as on one device, and stays sharded."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], capture_output=True,
-                          text=True, timeout=300, env=env, cwd=root)
+    proc = experiment_case.run_on_cpu_devices("-c", _SHARDED_SCRIPT)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertIn("OK", proc.stdout)
 

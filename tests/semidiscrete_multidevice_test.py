@@ -7,8 +7,6 @@ sees 4 devices, the test re-runs this file in a fresh subprocess with the flag s
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 from absl.testing import absltest
 import numpy as np
@@ -16,7 +14,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import experiment_case
 
 
 class ShardedAssignTest(absltest.TestCase):
@@ -24,10 +22,7 @@ class ShardedAssignTest(absltest.TestCase):
   def test_sharded_equals_single_device(self):
     """Targets split over 4 (and 2) devices, N not divisible by 4: same indices as `assign`."""
     if jax.device_count() < 4:
-      env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                 PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-      proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env,
-                            capture_output=True, text=True, timeout=300, check=False)
+      proc = experiment_case.run_on_cpu_devices(os.path.abspath(__file__))
       self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
       self.assertIn("OK", proc.stderr)
       return

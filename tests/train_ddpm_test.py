@@ -28,6 +28,7 @@ from ddpm_ot_jax.models import diffusers_import
 from ddpm_ot_jax.models import unet
 
 import data_test
+import experiment_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.1,
@@ -331,9 +332,8 @@ class SampleImagesTest(absltest.TestCase):
 
 
 _PADDED_SAMPLING_SCRIPT = textwrap.dedent("""
-    import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+    import sys
+    sys.path.insert(0, {tests!r})
     import jax, numpy as np
     from ddpm_ot_jax import samplers, sde, train
     from ddpm_ot_jax.experiments import ddpm_training
@@ -369,9 +369,8 @@ class PaddedShardedSamplingTest(absltest.TestCase):
     """On 4 virtual CPU devices, 7 class-conditional samples in chunks of 5: each chunk is
     padded (to 8 and 4 rows) and runs on all 4 devices, the pad is dropped (7 images), and
     the images equal those of an unsharded run (DDIM is per-row, 1e-5)."""
-    script = _PADDED_SAMPLING_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    script = _PADDED_SAMPLING_SCRIPT.format(tests=os.path.join(ROOT, "tests"))
+    proc = experiment_case.run_on_cpu_devices("-c", script)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertIn("OK", proc.stdout)
 

@@ -6,13 +6,14 @@ subprocess with that flag; run directly with the flag set, it checks in process.
 """
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 
 from absl.testing import absltest
 import jax
 import numpy as np
+
+import experiment_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 4
@@ -40,10 +41,8 @@ class DataParallelTest(absltest.TestCase):
     if jax.device_count() >= NUM_DEVICES:
       self._check_in_process()
       return
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}",
-               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = experiment_case.run_on_cpu_devices(os.path.abspath(__file__), num_devices=NUM_DEVICES,
+                                              timeout=600)
     self.assertEqual(proc.returncode, 0, proc.stdout[-3000:] + proc.stderr[-5000:])
     self.assertIn("OK", proc.stderr)
 
