@@ -61,12 +61,16 @@ def _assert_numbers(test: absltest.TestCase, results: dict) -> None:
 
 
 class DigitsRunTest(experiment_case.ExperimentRunCase):
-  """One tiny digits run shared by the tests below (reruns go to the same workdir)."""
+  """One tiny digits run shared by the tests below (reruns go to the same workdir, so the
+  first run's sample files are recorded here, before any test adds more)."""
 
   @classmethod
   def run_experiment(cls):
     cls.config = tiny(digits_dpmot.get_config())
     cls.results = dpmot.run(cls.config, cls.workdir)
+    cls.sample_files = {
+        method: glob.glob(os.path.join(cls.workdir, f"samples-{method}-*.npz"))
+        for method in ("dpm_ot_10", "ddim_10")}
 
   def test_table_nfe_and_keys(self):
     """comparison.md has a row per method and the data floor; both methods take 10 network
@@ -95,12 +99,13 @@ class DigitsRunTest(experiment_case.ExperimentRunCase):
     potential g; the baseline's file has no target indices."""
     (latent_path,) = glob.glob(os.path.join(self.workdir, "latents-*.npz"))
     (ot_dir,) = glob.glob(os.path.join(self.workdir, "ot-*"))
-    (dpmot_path,) = glob.glob(os.path.join(self.workdir, "samples-dpm_ot_10-*.npz"))
-    (ddim_path,) = glob.glob(os.path.join(self.workdir, "samples-ddim_10-*.npz"))
+    (dpmot_path,) = self.sample_files["dpm_ot_10"]
+    (ddim_path,) = self.sample_files["ddim_10"]
     latents = np.load(latent_path)["latents"].reshape(NUM_TARGETS, -1).astype(np.float64)
     with checkpoints.Checkpointer(ot_dir) as ckpt:
       g = np.asarray(ckpt.restore({"g": np.zeros(NUM_TARGETS, np.float32),
-                                   "diagnostics": np.zeros(6, np.float32)})["g"], np.float64)
+                                   "diagnostics": np.zeros(len(dpmot._DIAG_KEYS), np.float32)}
+                                  )["g"], np.float64)
     index = np.load(dpmot_path)["target_index"]
     self.assertNotIn("target_index", np.load(ddim_path).files)
     self.assertEqual(index.shape, (self.config.evaluation.num_samples,))
@@ -119,6 +124,8 @@ class DigitsRunTest(experiment_case.ExperimentRunCase):
     pattern = os.path.join(self.workdir, "samples-*.npz")
     before = _mtimes(pattern)
     self.assertLen(before, 2)
+    self.assertEqual(sorted(before),
+                     sorted(os.path.basename(p) for p in sum(self.sample_files.values(), [])))
     again = dpmot.run(tiny(digits_dpmot.get_config()), self.workdir)
     self.assertEqual(_mtimes(pattern), before)
     self.assertEqual(again["fid_dpm_ot_10"], self.results["fid_dpm_ot_10"])
@@ -238,6 +245,7 @@ class Cifar10FlagshipTest(absltest.TestCase):
       _assert_numbers(self, results)
       self.assertEqual((results["train_steps"], results["imported_weights"]), (0, 1))
       self.assertEqual(results["nfe_dpm_ot_10"], 10)
+      self.assertEqual(results["nfe_ddim_10"], 10)
       self.assertEqual(results["num_targets"], 8)
       for method in ("ddim_10", "dpm_ot_10", "data_floor"):
         self.assertTrue(np.isfinite(results[f"fid_{method}"]), method)

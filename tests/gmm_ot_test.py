@@ -73,8 +73,9 @@ class GMMOTExperimentTest(absltest.TestCase):
     names the config fields, before any work."""
     config = small_config()
     config.schedule = "cosine"
-    with self.assertRaisesRegex(ValueError, "config.t_end"):
-      gmm_ot.run(config, tempfile.mkdtemp())
+    with tempfile.TemporaryDirectory() as workdir, \
+         self.assertRaisesRegex(ValueError, "config.t_end"):
+      gmm_ot.run(config, workdir)
 
 
 if __name__ == "__main__":

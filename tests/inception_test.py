@@ -31,19 +31,12 @@ WIDTH = fake_weights.WIDTH
 RESIZE = fake_weights.RESIZE
 
 
-def _random_state_dict(seed: int) -> dict[str, np.ndarray]:
-  return fake_weights.random_state_dict(seed, WIDTH, RESIZE)
-
-
-_write_zip_without_torch = fake_weights.write_zip_without_torch
-
-
 def _write_state_dict(path: str, state: dict[str, np.ndarray], legacy: bool = False) -> None:
   if torch is not None:
     tensors = collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state.items())
     torch.save(tensors, path, _use_new_zipfile_serialization=not legacy)
   else:
-    _write_zip_without_torch(path, state)
+    fake_weights.write_zip_without_torch(path, state)
 
 
 if torch is not None:
@@ -203,7 +196,7 @@ class InceptionTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.tmp = tempfile.mkdtemp()
-    cls.state = _random_state_dict(seed=0)
+    cls.state = fake_weights.random_state_dict(0, WIDTH, RESIZE)
     cls.path = os.path.join(cls.tmp, inception.FID_WEIGHTS_FILENAME)
     _write_state_dict(cls.path, cls.state)
     cls.model, cls.variables = inception.load_pytorch_fid_weights(cls.path, width=WIDTH,
@@ -223,7 +216,7 @@ class InceptionTest(absltest.TestCase):
   def test_reader_without_torch_writer(self):
     """A zip file pickled through stand-in torch modules (no torch at all) reads back exactly."""
     path = os.path.join(self.tmp, "no_torch.pth")
-    _write_zip_without_torch(path, self.state)
+    fake_weights.write_zip_without_torch(path, self.state)
     state = inception.read_torch_state_dict(path)
     for key, value in self.state.items():
       self.assertEqual(state[key].shape, value.shape)

@@ -186,7 +186,7 @@ class PaperScaleErrorsTest(absltest.TestCase):
     """With the (fake) CIFAR-10 test batch present but no diffusers weights, the run stops
     with FileNotFoundError naming the weights path, before any training."""
     with tempfile.TemporaryDirectory() as tmp:
-      data_test.fake_cifar(tmp)
+      data_test.fake_cifar(tmp, per_batch=12)  # ≥ the 5 test images asked for
       config = cifar10_latent_ot.get_config()
       config.data.root = tmp
       config.latent_ot.num_images = (5,)

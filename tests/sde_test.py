@@ -77,11 +77,12 @@ class ScheduleTest(parameterized.TestCase):
     """perturb(t) samples the forward SDE dx = −½β x dt + √β dW: for x0 ~ N(1.5, 0.5²) in 2-D,
     the mean, variance and Cov(x0, x_t) of perturb's samples and of an Euler–Maruyama solution
     of the SDE (600 steps) agree with each other and with α μ, α² v + σ², α v (Monte Carlo,
-    200k draws per coordinate; tolerances ~5 standard errors)."""
+    200k draws per coordinate; tolerances ~5 standard errors); the returned noise is the ε of
+    x_t = α x0 + σ ε."""
     sched = SCHEDULES["linear"]
     n, t, steps = 200_000, 0.3, 600
     x0 = 1.5 + 0.5 * jax.random.normal(jax.random.PRNGKey(0), (n, 2))
-    xt, _ = sde.perturb(sched, jax.random.PRNGKey(1), x0, jnp.full((n,), t))
+    xt, noise = sde.perturb(sched, jax.random.PRNGKey(1), x0, jnp.full((n,), t))
     dt = t / steps
 
     def em_step(i, x):
@@ -98,6 +99,7 @@ class ScheduleTest(parameterized.TestCase):
       for key in want:
         np.testing.assert_allclose(got[key], want[key], atol=5 * se[key] + 2e-3 * abs(want[key]), err_msg=f"{name} {key}")
     np.testing.assert_allclose(xt.mean(0), x_em.mean(0), atol=10 * np.sqrt(want["var"] / n))
+    np.testing.assert_allclose(xt, alpha * x0 + sigma * noise, rtol=1e-12)
 
   @parameterized.named_parameters(*[(k, v) for k, v in SCHEDULES.items()])
   def test_time_from_ou_time_inverts_ou_time(self, schedule):
