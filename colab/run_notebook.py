@@ -16,8 +16,7 @@ import nbformat
 
 COLAB = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(COLAB)
-NOTEBOOKS = ("00_one_density.ipynb", "01_encoder_is_ot_theory.ipynb", "02_dpmot_digits.ipynb",
-             "03_latent_codes.ipynb")
+NOTEBOOKS = tuple(sorted(name for name in os.listdir(COLAB) if name.endswith(".ipynb")))
 _SUMMARY = "NOTEBOOK_SUMMARY "
 
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
+from ddpm_ot_jax import gaussian
 from ddpm_ot_jax import sde
 
 Array = jax.Array
@@ -118,13 +119,12 @@ def random_mixture(
 
 def gaussian_log_density(params: tuple[Array, Array], y: Array) -> Array:
   """log N(y; m, S) for params = (m, S): one Gaussian component."""
-  mean, cov = params
-  return jax.scipy.stats.multivariate_normal.logpdf(y, mean, cov)
+  return gaussian.log_prob(y, *params)
 
 
 def gaussian_pair_log_density(params: tuple[Array, Array], y: Array) -> Array:
   """log (½ N(y; m_1, S_1) + ½ N(y; m_2, S_2)) for params = (means (2, d), covs (2, d, d)):
   a smooth non-Gaussian component (its grid residual R is not zero)."""
   means, covs = params
-  logs = jax.vmap(lambda m, c: jax.scipy.stats.multivariate_normal.logpdf(y, m, c))(means, covs)
+  logs = jax.vmap(lambda m, c: gaussian.log_prob(y, m, c))(means, covs)
   return jax.scipy.special.logsumexp(logs) - jnp.log(2.0)

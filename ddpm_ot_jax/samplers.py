@@ -149,9 +149,6 @@ class ContinuousTimeSchedule:
 NoiseSchedule = Union[DiscreteTimeSchedule, ContinuousTimeSchedule]
 
 
-LOSS_TYPES = ("discrete", "continuous")
-
-
 def noise_schedule(schedule: sde.DiscreteSchedule | NoiseSchedule,
                    loss_type: str = "discrete") -> NoiseSchedule:
   """The continuous-time view the samplers use for a network trained with `loss_type`.
@@ -162,8 +159,8 @@ def noise_schedule(schedule: sde.DiscreteSchedule | NoiseSchedule,
   `ContinuousTimeSchedule(schedule.continuous_schedule(), N)`, whose α(t_i) are the SDE's.
   A view is returned as it is (loss_type is then ignored).
   """
-  if loss_type not in LOSS_TYPES:
-    raise ValueError(f"loss_type {loss_type!r} is not one of {LOSS_TYPES}.")
+  if loss_type not in sde.LOSS_TYPES:
+    raise ValueError(f"loss_type {loss_type!r} is not one of {sde.LOSS_TYPES}.")
   if isinstance(schedule, sde.DiscreteSchedule):
     if loss_type == "continuous":
       return ContinuousTimeSchedule(schedule.continuous_schedule(), schedule.num_steps)

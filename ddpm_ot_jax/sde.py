@@ -202,6 +202,11 @@ def probability_flow_drift(schedule: Schedule, score_fn: ScoreFn) -> Callable[[A
 # ----------------------------------------------------------------------------------------
 
 
+# How a network sees time (train.noise_and_time, samplers.noise_schedule): the DDPM chain's
+# steps i with ᾱ_i ('discrete') or VP-SDE time t with α(t) of the continuous limit.
+LOSS_TYPES = ("discrete", "continuous")
+
+
 @dataclasses.dataclass(frozen=True)
 class DiscreteSchedule:
   """DDPM's N-step linear schedule β_i = β_1 + i (β_N − β_1)/(N − 1), i = 0..N−1.

@@ -45,7 +45,6 @@ from ddpm_ot_jax import sde
 Array = jax.Array
 PyTree = Any
 DATA_AXIS = "data"
-LOSS_TYPES = ("discrete", "continuous")
 
 
 @flax.struct.dataclass
@@ -90,8 +89,8 @@ class TrainHparams:
   class_conditional: bool = False
 
   def __post_init__(self):
-    if self.loss_type not in LOSS_TYPES:
-      raise ValueError(f"loss_type {self.loss_type!r} is not one of {LOSS_TYPES}.")
+    if self.loss_type not in sde.LOSS_TYPES:
+      raise ValueError(f"loss_type {self.loss_type!r} is not one of {sde.LOSS_TYPES}.")
     if not 0.0 <= self.ema_decay < 1.0:
       raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
     if self.lr <= 0:
@@ -143,7 +142,7 @@ def noise_and_time(schedule: sde.DiscreteSchedule, key: Array, x0: Array,
     std = sde.marginal_std(continuous, t)
     net_time = t * n - 1.0
   else:
-    raise ValueError(f"loss_type {loss_type!r} is not one of {LOSS_TYPES}.")
+    raise ValueError(f"loss_type {loss_type!r} is not one of {sde.LOSS_TYPES}.")
   shape = (batch,) + (1,) * (x0.ndim - 1)
   mean_coeff = mean_coeff.reshape(shape).astype(x0.dtype)
   x_t = mean_coeff * x0 + std.reshape(shape).astype(x0.dtype) * noise

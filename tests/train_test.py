@@ -90,7 +90,7 @@ class LossTest(absltest.TestCase):
     somewhere, so the sampler must follow loss_type."""
     zeros, ones = jnp.zeros((512, 1, 1, 1)), jnp.ones((512, 1, 1, 1))
     levels = {}
-    for loss_type in train.LOSS_TYPES:
+    for loss_type in sde.LOSS_TYPES:
       key = jax.random.PRNGKey(7)
       x_zero, noise, net_time = train.noise_and_time(SCHEDULE, key, zeros, loss_type)
       x_one, _, _ = train.noise_and_time(SCHEDULE, key, ones, loss_type)
@@ -98,7 +98,7 @@ class LossTest(absltest.TestCase):
       sigma = np.asarray(x_zero / noise).ravel()
       levels[loss_type] = (net_time, alpha, sigma)
     for loss_type, (net_time, alpha, sigma) in levels.items():
-      for view_type in train.LOSS_TYPES:
+      for view_type in sde.LOSS_TYPES:
         view = samplers.noise_schedule(SCHEDULE, view_type)
         log_alpha, view_sigma = samplers.log_alpha_std(view, samplers.time_of_index(view,
                                                                                     net_time))

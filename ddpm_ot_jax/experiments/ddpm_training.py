@@ -418,11 +418,12 @@ def train_ddpm(config: ml_collections.ConfigDict, workdir: str, dataset: data.Im
       is_log = done % tc.log_every == 0 or done == num_steps
       is_ckpt = done % tc.checkpoint_every == 0 or done == num_steps
       if done % check_every == 0 or is_log or is_ckpt:
-        host_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        host, window_sum = jax.device_get((metrics, pending_loss))  # one transfer
+        host_metrics = {k: float(v) for k, v in host.items()}
         loss = host_metrics["loss"]
-        window_sums.append(float(jax.device_get(pending_loss)))
+        window_sums.append(float(window_sum))
         pending_loss = None
-        if not (math.isfinite(loss) and math.isfinite(window_sums[-1])):
+        if not math.isfinite(window_sums[-1]):  # the window's sum includes this step's loss
           raise NonFiniteLossError(_nonfinite_message(done, "loss", last_good, ckpt_dir))
       if is_log:
         now = time.perf_counter()
@@ -466,7 +467,7 @@ def train_ddpm(config: ml_collections.ConfigDict, workdir: str, dataset: data.Im
                     if steady_start is not None else 0.0)
   return TrainResult(
       state=state, model=model, schedule=schedule,
-      sampling_schedule=sampling_schedule(config), mesh=mesh, start_step=start_step,
+      sampling_schedule=sample_view, mesh=mesh, start_step=start_step,
       steps_run=steps_run, train_seconds=loop_end - loop_start,
       images_per_second=steady_images / steady_seconds if steady_seconds > 0 else float("nan"),
       final_loss=loss)

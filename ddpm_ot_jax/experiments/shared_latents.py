@@ -262,16 +262,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.control.vae:
     latent_ot.check_split(config, "train")
   base_key = jax.random.PRNGKey(config.seed)
-  latents = None  # drawn once the first model is available (a missing one fails at once)
+  latents = np.asarray(jax.random.normal(jax.random.fold_in(base_key, LATENT_STREAM),
+                                         (sc.num_latents,) + tuple(image_shape), jnp.float32))
   results: dict[str, Any] = {"num_latents": int(sc.num_latents)}
   decoded: dict[str, np.ndarray] = {}
   unconditional: list[tuple[str, tuple]] = []  # (row, data identity)
   conditional: dict[str, list[str]] = {}
   for name, spec in config.models.items():
     loaded = latent_ot.load_model(config, name, spec, workdir, image_shape)
-    if latents is None:
-      latents = np.asarray(jax.random.normal(jax.random.fold_in(base_key, LATENT_STREAM),
-                                             (sc.num_latents,) + tuple(image_shape), jnp.float32))
     results[f"train_steps_{name}"] = loaded.steps
     results[f"train_seconds_{name}"] = loaded.train_seconds
     start = time.perf_counter()
