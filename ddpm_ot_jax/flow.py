@@ -71,25 +71,33 @@ def nfe_from_steps(solver: str, num_steps: Array) -> Array:
   return per_step * num_steps + start
 
 
-def _solve_one(vector_field: VectorField, x, t0, t1, options: SolverOptions, save_ts, adjoint):
+def solve_ode(vector_field: VectorField, x: Array, t0: float, t1: float, options: SolverOptions,
+              save_ts: Array | None = None, adjoint: diffrax.AbstractAdjoint | None = None,
+              norm: Callable[[Array], Array] | None = None) -> diffrax.Solution:
+  """One adaptive diffrax solve of dx/dt = v(t, x) from t0 to t1 with `options`' solver and
+  tolerances. sol.ys: the values at save_ts (if any), then the value at t1. adjoint: diffrax's
+  RecursiveCheckpointAdjoint by default (ForwardMode for jacfwd). norm: the step controller's
+  error norm (diffrax's RMS by default; a max norm when x is a whole batch solved as one state,
+  so that no point's error is averaged away)."""
   solver_cls = solver_class(options.solver)
   if save_ts is None:
     saveat = diffrax.SaveAt(t1=True)
   else:
     saveat = diffrax.SaveAt(ts=save_ts, t1=True)
-  sol = diffrax.diffeqsolve(
+  controller = (diffrax.PIDController(rtol=options.rtol, atol=options.atol) if norm is None else
+                diffrax.PIDController(rtol=options.rtol, atol=options.atol, norm=norm))
+  return diffrax.diffeqsolve(
       diffrax.ODETerm(lambda t, y, args: vector_field(t, y)),
       solver_cls(),
       t0=t0,
       t1=t1,
       dt0=None,
       y0=x,
-      stepsize_controller=diffrax.PIDController(rtol=options.rtol, atol=options.atol),
+      stepsize_controller=controller,
       saveat=saveat,
       max_steps=options.max_steps,
       adjoint=adjoint if adjoint is not None else diffrax.RecursiveCheckpointAdjoint(),
   )
-  return sol  # sol.ys: the values at save_ts (if any), then the value at t1
 
 
 def solve(
@@ -106,7 +114,7 @@ def solve(
   """
 
   def one(xi):
-    sol = _solve_one(vector_field, xi, t0, t1, options, save_ts, None)
+    sol = solve_ode(vector_field, xi, t0, t1, options, save_ts)
     return sol.ys, sol.stats["num_steps"]
 
   ys, steps = jax.vmap(one)(x)
@@ -162,7 +170,7 @@ def encoder_jacobian(
   drift = sde.probability_flow_drift(schedule, score_fn)
 
   def end_point(xi):
-    sol = _solve_one(drift, xi, 0.0, t_end, options, None, diffrax.ForwardMode())
+    sol = solve_ode(drift, xi, 0.0, t_end, options, adjoint=diffrax.ForwardMode())
     return sol.ys[-1]
 
   return jax.vmap(jax.jacfwd(end_point))(x0)
