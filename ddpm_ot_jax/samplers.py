@@ -650,9 +650,9 @@ def dpm_solver(
   `denoise_to_zero` adds one network call for x̂_0 there. NFE = num_steps (+1).
   """
   _check_steps(num_steps)
-  if order not in (1, 2, 3):
+  if order not in DPM_SOLVER_ORDERS:
     raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order!r}.")
-  if variant not in ("dpmsolver++", "dpmsolver"):
+  if variant not in DPM_SOLVER_VARIANTS:
     raise ValueError(f"variant must be 'dpmsolver++' or 'dpmsolver', got {variant!r}.")
   if skip_type not in ("logSNR", "time_uniform"):
     raise ValueError(f"skip_type must be 'logSNR' or 'time_uniform', got {skip_type!r}.")
@@ -807,6 +807,8 @@ def round_trip(
 
 
 SAMPLERS = ("ddpm", "ddim", "dpm_solver", "pf_ode")
+DPM_SOLVER_ORDERS = (1, 2, 3)  # multistep orders of `dpm_solver`
+DPM_SOLVER_VARIANTS = ("dpmsolver++", "dpmsolver")  # data (x̂_0) or noise (ε) prediction
 
 
 def sample(

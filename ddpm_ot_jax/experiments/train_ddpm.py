@@ -48,8 +48,6 @@ from ddpm_ot_jax.experiments import common
 from ddpm_ot_jax.experiments import ddpm_training
 from ddpm_ot_jax.models import unet
 
-DPM_SOLVER_VARIANTS = ("dpmsolver++", "dpmsolver")
-
 
 def check_sampling(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the config key when config.sampling cannot be run (checked
@@ -62,11 +60,11 @@ def check_sampling(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"sampling.num_steps must be a positive int for sampler "
                      f"{sc.sampler!r}, got {sc.num_steps!r}.")
   if sc.sampler == "dpm_solver":
-    if sc.get("order", 3) not in (1, 2, 3):
+    if sc.get("order", 3) not in samplers.DPM_SOLVER_ORDERS:
       raise ValueError(f"sampling.order must be 1, 2 or 3 (DPM-Solver's multistep order), "
                        f"got {sc.order!r}.")
-    if sc.get("variant", "dpmsolver++") not in DPM_SOLVER_VARIANTS:
-      raise ValueError(f"sampling.variant must be one of {DPM_SOLVER_VARIANTS}, got "
+    if sc.get("variant", "dpmsolver++") not in samplers.DPM_SOLVER_VARIANTS:
+      raise ValueError(f"sampling.variant must be one of {samplers.DPM_SOLVER_VARIANTS}, got "
                        f"{sc.variant!r}.")
   if sc.num_samples < 1:
     raise ValueError(f"sampling.num_samples must be ≥ 1, got {sc.num_samples}.")
