@@ -242,3 +242,32 @@ def perturbed_gaussian_figure(
     ax.legend(fontsize=8)
   fig.tight_layout()
   return fig
+
+
+def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+  """Tiles (n, H, W, C) images on [−1, 1] into one (rows·(H+1)−1, cols·(W+1)−1, C) array on
+  [0, 1] with one-pixel white gutters."""
+  n, height, width, channels = images.shape
+  columns = columns or int(math.ceil(math.sqrt(n)))
+  rows = int(math.ceil(n / columns))
+  grid = np.ones((rows * (height + 1) - 1, columns * (width + 1) - 1, channels), np.float32)
+  for i, image in enumerate(np.clip((images + 1.0) / 2.0, 0.0, 1.0)):
+    r, c = divmod(i, columns)
+    top, left = r * (height + 1), c * (width + 1)
+    grid[top:top + height, left:left + width] = image
+  return grid
+
+
+def image_grid_figure(images: np.ndarray, title: str = "", columns: int | None = None) -> Figure:
+  """`image_grid(images)` as a figure (grey colormap for one channel), with an optional title."""
+  grid = image_grid(np.asarray(images), columns)
+  fig = Figure(figsize=(6, 6 * grid.shape[0] / grid.shape[1] + (0.3 if title else 0)))
+  ax = fig.subplots()
+  if grid.shape[-1] == 1:
+    ax.imshow(grid[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+  else:
+    ax.imshow(grid, interpolation="nearest")
+  ax.set_axis_off()
+  if title:
+    ax.set_title(title, fontsize=9)
+  return fig

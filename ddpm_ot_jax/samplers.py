@@ -1,4 +1,12 @@
-"""Samplers for ε-prediction diffusion models: DDPM, DDIM, DPM-Solver(++), the PF-ODE.
+"""Samplers for ε-prediction diffusion models: DDPM, DDIM, DPM-Solver(++), the PF-ODE, DPM-OT.
+
+Algorithms on an ε-predictor (`eps_fn`, below): `ddpm_ancestral` (Ho et al. 2020, Alg. 2),
+`ddim` and `ddim_invert` (Song et al. 2021, Eq. 12), `dpm_solver` (Lu et al. 2022a/b,
+multistep orders 1–3, noise or data prediction), `pf_ode` / `ode_encode` (the probability-flow
+ODE, Eq. 6 of Khrulkov et al., with diffrax), dispatched by name through `sample`.
+Many images from a trained network (`Network`), in chunks split over devices:
+`sample_images` (from x_T ~ N(0, I)) and `dpm_ot` (Li et al. 2023, Sec. 3.2: z ~ μ,
+x_M = T_g(z) = x_M^{j(z)} with j(z) = argmax_j g_j − ‖z − x_M^j‖², then M reverse steps).
 
 Conventions
 -----------
@@ -31,15 +39,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, Callable, NamedTuple, Union
 
 import diffrax
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
 from ddpm_ot_jax import flow
 from ddpm_ot_jax import sde
+from ddpm_ot_jax import semidiscrete
+from ddpm_ot_jax import train
 
 Array = jax.Array
 EpsFn = Callable[[Array, Array], Array]  # (x (B, ...), t_index (B,)) -> ε̂ (B, ...)
@@ -371,6 +383,14 @@ def ddim_indices(num_steps: int, start_index: Array, end_index: Array) -> Array:
   return jnp.linspace(start_index, end_index, num_steps)
 
 
+def _ddim_step(x: Array, eps: Array, log_alpha: Array, sigma: Array, log_alpha_next: Array,
+               dir_coeff: Array) -> Array:
+  """x_next = α_next x̂_0 + c ε̂ with x̂_0 = (x − σ ε̂)/α: the deterministic part of one DDIM
+  step (Song et al. 2021, Eq. 12), forward (c = √(1 − ᾱ_next − s²)) and inverted (c = σ_next)."""
+  x0 = (x - _bcast(sigma, x) * eps) * _bcast(jnp.exp(-log_alpha), x)
+  return _bcast(jnp.exp(log_alpha_next), x) * x0 + _bcast(dir_coeff, x) * eps
+
+
 @functools.partial(jax.jit, static_argnames=("view", "num_steps", "eta"))
 def _ddim_loop(eps_fn, x, key, view, num_steps, eta, start_index, end_index):
   index = ddim_indices(num_steps, start_index, end_index)
@@ -389,8 +409,7 @@ def _ddim_loop(eps_fn, x, key, view, num_steps, eta, start_index, end_index):
     x, nfe = carry
     i, la, s, la_next, c_dir, c_noise, k = inputs
     eps = _call_eps(eps_fn, x, i)
-    x0 = (x - _bcast(s, x) * eps) * _bcast(jnp.exp(-la), x)
-    x = _bcast(jnp.exp(la_next), x) * x0 + _bcast(c_dir, x) * eps
+    x = _ddim_step(x, eps, la, s, la_next, c_dir)
     if eta != 0.0:
       x = x + _bcast(c_noise, x) * jax.random.normal(k, x.shape, x.dtype)
     return (x, nfe + 1), None
@@ -455,8 +474,7 @@ def _ddim_invert_loop(eps_fn, x, view, num_steps, start_index, end_index):
     x, nfe = carry
     i, la_src, s_src, la_dst, s_dst = inputs
     eps = _call_eps(eps_fn, x, i)
-    x0 = (x - _bcast(s_src, x) * eps) * _bcast(jnp.exp(-la_src), x)
-    x = _bcast(jnp.exp(la_dst), x) * x0 + _bcast(s_dst, x) * eps
+    x = _ddim_step(x, eps, la_src, s_src, la_dst, s_dst)
     return (x, nfe + 1), None
 
   inputs = (eval_index, log_alpha_src, sigma_src, log_alpha, sigma_dst)
@@ -850,3 +868,168 @@ def sample(
     options = flow.SolverOptions(rtol=1e-5, atol=1e-5) if options is None else options
     return pf_ode(eps_fn, view, x_start, options, start_index=start, **kwargs)
   raise ValueError(f"Unknown sampler {method!r}; choose one of {SAMPLERS}.")
+
+
+# ----------------------------------------------------------------------------------------
+# Many images from a network: chunks, devices, class labels; DPM-OT.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  """A trained ε_θ ready to sample.
+
+  model: the flax module (`model.apply({'params': p}, x, t_index, y, train=False)`);
+  params: its parameters (the EMA ones of a trained model), replicated over `mesh`;
+  view: the continuous-time view matching how ε_θ was trained (`noise_schedule(schedule,
+  loss_type)`); mesh: the 1-D 'data' mesh chunks are split over (None: one device, unsplit).
+  """
+
+  model: Any
+  params: Any
+  view: NoiseSchedule
+  mesh: Any = None
+
+  @property
+  def num_params(self) -> int:
+    return int(sum(np.size(x) for x in jax.tree.leaves(self.params)))
+
+
+class Samples(NamedTuple):
+  """images (n, H, W, C) clipped to [−1, 1]; nfe: network evaluations per image; seconds:
+  total wall time; images_per_second: throughput over the chunks after the first (which
+  compiles), or over all when there is one chunk; target_index: DPM-OT's target j(z) of each
+  sample (None for samplers that start from x_T ~ N(0, I))."""
+
+  images: np.ndarray
+  nfe: int
+  seconds: float
+  images_per_second: float
+  target_index: np.ndarray | None = None
+
+
+def class_labels(model: Any, count: int) -> Array | None:
+  """Labels 0, 1, …, K−1, 0, 1, … for a class-conditional model; None otherwise."""
+  num_classes = getattr(model, "num_classes", 0)
+  return jnp.arange(count, dtype=jnp.int32) % num_classes if num_classes > 0 else None
+
+
+def shard_rows(x: np.ndarray | Array, mesh: Any) -> Array:
+  """x (n, ...) as one array split along the 'data' axis of `mesh` (as is without a mesh).
+
+  When n is not a multiple of the D devices, rows are appended by wrapping around (row
+  n + j is a copy of row j mod n) up to the next multiple of D, so the batch always runs
+  sharded; `gather_rows(result, n)` drops them again. On several hosts every process must
+  pass the same x (each contributes its own rows, `train.global_batch`).
+  """
+  if mesh is None:
+    return jnp.asarray(x)
+  x = np.asarray(x)
+  n, d = x.shape[0], int(mesh.devices.size)
+  padded = -(-n // d) * d
+  if padded != n:
+    x = np.take(x, np.arange(padded) % n, axis=0)
+  return train.global_batch(mesh, x)
+
+
+def gather_rows(x: Array, count: int) -> np.ndarray:
+  """The first `count` rows of a (possibly sharded, possibly multi-host) array, on the host:
+  the inverse of `shard_rows`."""
+  if jax.process_count() > 1 and not x.is_fully_addressable:
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)[:count]
+
+
+def _draw_chunks(network: Network, key: Array, num_images: int, batch_size: int | None,
+                 start: Callable[[Array, int], tuple[Array, Any]],
+                 run: Callable[[EpsFn, Array, Array], SampleResult]) -> Samples:
+  """The chunk loop of `sample_images` and `dpm_ot`: chunk k of `batch_size` images draws
+  (key_start, key_run) = split(fold_in(key, k)), starts from `start(key_start, count)` →
+  (x_start, extra), runs `run(eps_fn, x_start sharded over network.mesh, key_run)` and
+  gathers the clipped output; `extra` (DPM-OT's target indices) is concatenated."""
+  batch_size = min(batch_size or num_images, num_images)
+  labels = class_labels(network.model, num_images)
+  chunks, extras, nfe = [], [], 0
+  start_time = time.perf_counter()
+  steady_start, steady_images = None, 0
+  for k, lo in enumerate(range(0, num_images, batch_size)):
+    count = min(batch_size, num_images - lo)
+    key_start, key_run = jax.random.split(jax.random.fold_in(key, k))
+    x_start, extra = start(key_start, count)
+    y = None if labels is None else shard_rows(labels[lo:lo + count], network.mesh)
+    eps_fn = model_eps_fn(network.model.apply, network.params, y)
+    result = run(eps_fn, shard_rows(x_start, network.mesh), key_run)
+    chunks.append(gather_rows(jnp.clip(result.x, -1.0, 1.0), count))
+    extras.append(extra)
+    nfe = int(result.nfe)
+    if k == 0:
+      steady_start = time.perf_counter()
+    elif count == batch_size:
+      steady_images += count
+  end_time = time.perf_counter()
+  seconds = end_time - start_time
+  throughput = (steady_images / max(end_time - steady_start, 1e-9) if steady_images
+                else num_images / max(seconds, 1e-9))
+  extra = None if extras[0] is None else np.concatenate(extras)
+  return Samples(np.concatenate(chunks), nfe, seconds, throughput, extra)
+
+
+def sample_images(network: Network, key: Array, num_images: int, image_shape: tuple[int, ...],
+                  sampler: str = "ddim", num_steps: int | None = 50,
+                  batch_size: int | None = None, **kwargs: Any) -> Samples:
+  """`num_images` images from x_T ~ N(0, I) by the sampler named `sampler` (`sample`).
+
+  Chunk k of `batch_size` draws x_T with fold_in(key, k) and runs split along the 'data' axis
+  of network.mesh (padded to a multiple of the device count, `shard_rows`); class-conditional
+  models get labels 0, 1, …, K−1, 0, … in order. 'ddpm' takes every step (num_steps is not
+  used); kwargs go to the sampler (ddim: eta; dpm_solver: order, variant, skip_type, ...).
+  """
+  if sampler == "ddpm":
+    num_steps = None  # ancestral sampling takes all N steps
+  shape = tuple(image_shape)
+
+  def start(key_start, count):
+    return jax.random.normal(key_start, (count,) + shape, jnp.float32), None
+
+  def run(eps_fn, x_start, key_run):
+    return sample(sampler, eps_fn, network.view, x_start, key=key_run, num_steps=num_steps,
+                  **kwargs)
+
+  return _draw_chunks(network, key, num_images, batch_size, start, run)
+
+
+def dpm_ot(network: Network, monge_map: Callable[[Array], tuple[np.ndarray, np.ndarray]],
+           key: Array, num_samples: int, image_shape: tuple[int, ...], switch_index: int,
+           num_steps: int | None, sampler: str = "ddim", source: str = "gaussian",
+           batch_size: int | None = None, **kwargs: Any) -> Samples:
+  r"""DPM-OT (Li et al., ICCV 2023, Sec. 3.2 and Algorithm 1): noise → OT map → M reverse steps.
+
+  The targets y_j are diffused to the switch step M (`switch_index`),
+  x_M^j = √ᾱ_M y_j + √(1 − ᾱ_M) ε_j, and a semi-discrete OT potential g between the source μ
+  and (1/N) Σ_j δ_{x_M^j} gives the Monge map (Brenier; `semidiscrete`)
+
+      T_g(z) = x_M^{j(z)},   j(z) = argmax_j g_j − ‖z − x_M^j‖²,   z ~ μ,
+
+  the "expressway" that replaces the reverse chain from T down to M. Each sample then takes
+  the reverse steps from x_M to x_0 with `sampler`: 'ddim' / 'dpm_solver' (num_steps network
+  calls from index M) or 'ddpm' (all M + 1 ancestral steps; num_steps None or M + 1).
+
+  monge_map: z (B, d) ↦ (x_M^{j(z)} (B, ...), j(z)) (`semidiscrete.monge_map`, targets placed
+  once, split across devices when there are several); source: 'gaussian' N(0, I) or
+  'uniform' U[0, 1]^d (the reference code's); chunks as in `sample_images`, chunk k drawing
+  z with fold_in(key, k). NFE = the reverse steps' network calls (the map costs none).
+  Returns `Samples` with target_index = j(z) of every sample.
+  """
+  shape = tuple(image_shape)
+  dim = int(np.prod(shape))
+
+  def start(key_start, count):
+    z = semidiscrete.sample_source(key_start, (count, dim), source)
+    x_start, index = monge_map(z)
+    return x_start.reshape((count,) + shape), index
+
+  def run(eps_fn, x_start, key_run):
+    return sample(sampler, eps_fn, network.view, x_start, key=key_run, num_steps=num_steps,
+                  start_index=switch_index, **kwargs)
+
+  return _draw_chunks(network, key, num_samples, batch_size, start, run)

@@ -309,14 +309,6 @@ def assign(z: Array, targets: Array | np.ndarray, g: Array, block_size: int = 20
   return _assign_jit(z, _flat(jnp.asarray(targets)), g, block_size)
 
 
-def ot_map(z: Array, targets: Array, g: Array, block_size: int = 2048) -> Array:
-  """T_g(z) = y_{j(z)}: the semi-discrete Monge map applied to a batch of source points."""
-  idx = assign(z, targets, g, block_size)
-  if isinstance(targets, np.ndarray):
-    return jnp.asarray(targets[np.asarray(idx)])
-  return jnp.asarray(targets)[idx]
-
-
 # --------------------------------------------------------------------------------------
 # Sharded along the target axis.
 
@@ -422,6 +414,48 @@ def assign_sharded(z: Array, targets: Array | np.ndarray | ShardedTargets, g: Ar
   z = _flat(jnp.asarray(z)).astype(targets.targets.dtype)
   z = jax.device_put(z, NamedSharding(targets.mesh, P()))
   return fn(z, targets.targets, targets.offsets)
+
+
+# --------------------------------------------------------------------------------------
+# The Monge map, placed once.
+
+
+@dataclasses.dataclass(frozen=True)
+class MongeMap:
+  r"""T_g(z) = y_{j(z)}, j(z) = argmax_j g_j − ‖z − y_j‖²: the semi-discrete Monge map.
+
+  Built by `monge_map`, which places the targets on the devices once; calling it on a batch
+  z (B, d) returns the chosen targets (B, ...) as a host array and their indices (B,) int32.
+  """
+
+  targets: np.ndarray
+  index_fn: Callable[[Array], Array]
+
+  def __call__(self, z: Array) -> tuple[np.ndarray, np.ndarray]:
+    index = np.asarray(self.index_fn(z), np.int32)
+    return self.targets[index], index
+
+
+def monge_map(targets: np.ndarray, g: Any, devices: Sequence[Any] | None = None,
+              block_size: int = 2048) -> MongeMap:
+  """The map T_g for targets (N, ...) and potential g (N,) on `devices` (default: the first).
+
+  The targets stay on the host for the lookup; on one device the flattened targets are placed
+  once and passed to the jitted blocked argmax as an argument (`assign`: never baked into the
+  program as an N × d constant); on several the target axis is split across them
+  (`shard_targets` once, `assign_sharded` per batch), so no device holds all N × d values.
+  """
+  targets = np.asarray(targets)
+  flat = targets.reshape(len(targets), -1)
+  devices = list(devices) if devices is not None else jax.devices()[:1]
+  if len(devices) > 1:
+    sharded = shard_targets(flat, g, mesh=devices)
+    index_fn = lambda z: assign_sharded(z, sharded, block_size=block_size)  # noqa: E731
+  else:
+    y = jax.device_put(flat, devices[0])
+    g_dev = jax.device_put(np.asarray(g, flat.dtype), devices[0])
+    index_fn = lambda z: assign(z, y, g_dev, block_size)  # noqa: E731
+  return MongeMap(targets, index_fn)
 
 
 # --------------------------------------------------------------------------------------

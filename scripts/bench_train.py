@@ -41,13 +41,13 @@ def _bench(name: str, config, batch_size: int, train_steps: int, sample_batch: i
 
   from ddpm_ot_jax import samplers  # pylint: disable=g-import-not-at-top
   from ddpm_ot_jax import train  # pylint: disable=g-import-not-at-top
-  from ddpm_ot_jax.experiments import ddpm_training  # pylint: disable=g-import-not-at-top
+  from ddpm_ot_jax import trainer  # pylint: disable=g-import-not-at-top
   from ddpm_ot_jax.models import unet  # pylint: disable=g-import-not-at-top
 
   shape = {"digits": (8, 8, 1), "cifar10": (32, 32, 3)}[name]
   model = unet.unet_from_config(config.model)
-  schedule = ddpm_training.schedule_from_config(config)
-  hparams = ddpm_training.hparams_from_config(config, model)
+  schedule = trainer.schedule_from_config(config)
+  hparams = trainer.hparams_from_config(config, model)
   tx = train.make_optimizer(hparams)
   mesh = train.make_data_mesh()
   train.check_batch_size(batch_size, mesh)
@@ -71,7 +71,7 @@ def _bench(name: str, config, batch_size: int, train_steps: int, sample_batch: i
   x = jax.random.normal(jax.random.PRNGKey(2), (sample_batch,) + shape)
   if sample_batch % mesh.devices.size == 0:
     x = jax.device_put(x, train.batch_sharded(mesh))
-  view = ddpm_training.sampling_schedule(config)  # the samplers' view for training.loss_type
+  view = trainer.sampling_schedule(config)  # the samplers' view for training.loss_type
   start = time.perf_counter()
   result = samplers.ddim(eps_fn, view, x, 10)
   jax.block_until_ready(result.x)

@@ -173,42 +173,6 @@ class ParseMethodTest(absltest.TestCase):
       self.assertEqual(os.listdir(workdir), [])
 
 
-class OtMapperTest(absltest.TestCase):
-
-  def test_single_device_map_is_the_dense_argmax(self):
-    """ot_mapper returns x_M^{j(z)} and j(z) = argmax_j g_j − ‖z − y_j‖² (dense reference),
-    with blocks smaller than N."""
-    rng = np.random.default_rng(0)
-    latents = rng.standard_normal((37, 2, 2, 3)).astype(np.float32)
-    g = rng.standard_normal(37).astype(np.float32)
-    z = rng.standard_normal((50, 12)).astype(np.float32)
-    mapped, index = dpmot.ot_mapper(latents, g, jax.devices()[:1], block_size=8)(z)
-    flat = latents.reshape(37, -1).astype(np.float64)
-    expected = np.argmax(g[None] - ((z[:, None].astype(np.float64) - flat[None]) ** 2).sum(-1), 1)
-    np.testing.assert_array_equal(index, expected)
-    np.testing.assert_array_equal(mapped, latents[expected])
-
-
-  def test_target_sharded_map_equals_one_device(self):
-    """On 4 (virtual CPU) devices ot_mapper splits the targets across them and gives the
-    same indices and latents as on one device."""
-    script = (
-        "import numpy as np, jax\n"
-        "from ddpm_ot_jax.experiments import dpmot\n"
-        "assert len(jax.devices()) == 4\n"
-        "rng = np.random.default_rng(1)\n"
-        "latents = rng.standard_normal((37, 12)).astype(np.float32)\n"
-        "g = rng.standard_normal(37).astype(np.float32)\n"
-        "z = rng.standard_normal((16, 12)).astype(np.float32)\n"
-        "x4, i4 = dpmot.ot_mapper(latents, g, jax.devices(), block_size=4)(z)\n"
-        "x1, i1 = dpmot.ot_mapper(latents, g, jax.devices()[:1], block_size=4)(z)\n"
-        "assert (i4 == i1).all() and (x4 == x1).all(), (i4, i1)\n"
-        "print('SAME', len(set(i1.tolist())))\n")
-    proc = experiment_case.run_on_cpu_devices("-c", script, timeout=180)
-    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
-    self.assertIn("SAME", proc.stdout)
-
-
 class Cifar10FlagshipTest(absltest.TestCase):
 
   def test_tiny_flagship_run_with_imported_weights(self):
@@ -255,13 +219,11 @@ class Cifar10FlagshipTest(absltest.TestCase):
       self.assertLen(results["sweep_fid"], 1)
       self.assertLen(glob.glob(os.path.join(workdir, "sweep-9-*.npz")), 1)
       self.assertTrue(os.path.exists(os.path.join(workdir, "fid_vs_memorization.png")))
-      (model_dir,) = glob.glob(os.path.join(workdir, "model-*"))
-      self.assertEqual(glob.glob(os.path.join(model_dir, "checkpoints", "*")), [])
+      self.assertEqual(glob.glob(os.path.join(workdir, "model-*")), [])  # nothing trained
       fingerprints = []
       for folder in folders:
         config.training.init_from_diffusers = folder
         fingerprints.append(stages.fingerprint(dpmot._imported_model_inputs(config)))
-      self.assertEqual(os.path.basename(model_dir), f"model-{fingerprints[0][:12]}")
       self.assertNotEqual(fingerprints[0], fingerprints[1])
 
 

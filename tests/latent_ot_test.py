@@ -204,7 +204,7 @@ class PaperScaleErrorsTest(absltest.TestCase):
       config = tiny_config()
       missing = os.path.join(tmp, "runs", "other-model")
       config.models.other = latent_ot.model_spec(source="checkpoint", path=missing)
-      with mock.patch.object(latent_ot.ddpm_training, "train_ddpm") as trainer:
+      with mock.patch.object(latent_ot.trainer, "train_ddpm") as trainer:
         with self.assertRaisesRegex(FileNotFoundError, f"model 'other'.*{missing}"):
           latent_ot.run(config, os.path.join(tmp, "work"))
       trainer.assert_not_called()
@@ -224,7 +224,7 @@ class PaperScaleErrorsTest(absltest.TestCase):
         f.write(b"placeholder")
       config = tiny_config()
       config.models.own = latent_ot.model_spec(source="diffusers", path=tmp)
-      with mock.patch.object(latent_ot.ddpm_training, "train_ddpm") as trainer:
+      with mock.patch.object(latent_ot.trainer, "train_ddpm") as trainer:
         with self.assertRaisesRegex(ValueError, r"models\.own .*takes 32×32.*are 8×8×1"):
           latent_ot.run(config, os.path.join(tmp, "work"))
       trainer.assert_not_called()

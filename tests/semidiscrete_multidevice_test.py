@@ -1,4 +1,4 @@
-"""assign_sharded on 4 virtual CPU devices gives the same indices as one device.
+"""assign_sharded and monge_map on 4 virtual CPU devices give the same indices as one device.
 
 XLA_FLAGS must be set before jax starts its backend, and setting it from a test module would
 change the device count of every other test in the pytest process. So unless jax already
@@ -57,6 +57,14 @@ class ShardedAssignTest(absltest.TestCase):
     idx = np.asarray(semidiscrete.assign_sharded(z, y_dup, g_dup, block_size=3))
     np.testing.assert_array_equal(idx, np.asarray(semidiscrete.assign(z, y_dup, g_dup, 3)))
     self.assertTrue((idx < 8).all())
+    # The Monge map placed once across all 4 devices = the map on one device (indices and
+    # the looked-up targets), for image-shaped targets.
+    y_img = np.asarray(y).reshape(1003, 4, 4, 1)
+    mapped4, index4 = semidiscrete.monge_map(y_img, g, jax.devices(), block_size=50)(z)
+    mapped1, index1 = semidiscrete.monge_map(y_img, g, jax.devices()[:1], block_size=50)(z)
+    np.testing.assert_array_equal(index4, dense)
+    np.testing.assert_array_equal(index4, index1)
+    np.testing.assert_array_equal(mapped4, mapped1)
 
 
 if __name__ == "__main__":

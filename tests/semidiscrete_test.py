@@ -147,11 +147,13 @@ class AssignTest(absltest.TestCase):
     np.testing.assert_allclose(semidiscrete.potential_from_heights(h, self.y), self.g, rtol=1e-5,
                                atol=1e-4)
 
-  def test_ot_map_returns_the_assigned_targets(self):
-    """ot_map(z) = y[assign(z)], for images of any shape (flattened inside)."""
+  def test_monge_map_returns_the_assigned_targets(self):
+    """T_g(z) = (y[j(z)], j(z)) with j the dense argmax, for images of any shape."""
     y_img = self.y.reshape(203, 2, 6, 1)
-    mapped = semidiscrete.ot_map(self.z.reshape(97, 2, 6, 1), y_img, self.g)
-    np.testing.assert_array_equal(mapped, y_img[_dense_assign(self.z, self.y, self.g)])
+    mapped, index = semidiscrete.monge_map(y_img, self.g, block_size=64)(self.z)
+    expected = _dense_assign(self.z, self.y, self.g)
+    np.testing.assert_array_equal(index, expected)
+    np.testing.assert_array_equal(mapped, y_img[expected])
 
   def test_marginal_error_sees_a_collapsed_potential(self):
     """g with one huge entry sends all mass to that cell: N − 1 empty cells, error N − 1."""

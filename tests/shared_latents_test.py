@@ -139,7 +139,7 @@ class PaperScaleErrorsTest(absltest.TestCase):
             os.path.join(tmp, "afhq", "train", animal, "0.png"))
       config = afhq_shared_latents.get_config()
       config.data.root = os.path.join(tmp, "afhq")
-      with mock.patch.object(shared_latents.latent_ot.ddpm_training, "train_ddpm") as trainer:
+      with mock.patch.object(shared_latents.latent_ot.trainer, "train_ddpm") as trainer:
         with self.assertRaisesRegex(FileNotFoundError,
                                     os.path.join(tmp, "afhq", "train", "dog")):
           shared_latents.run(config, os.path.join(tmp, "work"))

@@ -1,4 +1,4 @@
-"""Tests for the training loop (experiments/ddpm_training) and the train_ddpm experiment.
+"""Tests for the training loop (trainer.train_ddpm) and the train_ddpm experiment.
 
 All digits runs share one tiny UNet and hyperparameters, so the train step compiles once.
 """
@@ -22,7 +22,8 @@ from ddpm_ot_jax import checkpoints
 from ddpm_ot_jax import data
 from ddpm_ot_jax import samplers
 from ddpm_ot_jax import sde
-from ddpm_ot_jax.experiments import ddpm_training
+from ddpm_ot_jax import trainer
+from ddpm_ot_jax.experiments import common
 from ddpm_ot_jax.experiments import train_ddpm
 from ddpm_ot_jax.models import diffusers_import
 from ddpm_ot_jax.models import unet
@@ -43,6 +44,13 @@ def tiny_digits_config(num_steps: int = 6):
   config.sampling.update(dict(num_steps=3, num_samples=16, batch_size=8, grid_size=16))
   config.evaluate.classifier_steps = 200  # ≈ 2 s; confident on real digits (≈ 0.98 recognized)
   return config
+
+
+def _train(config, workdir, dataset, **kwargs):
+  """trainer.train_ddpm as the experiments call it: checkpoints in <workdir>/checkpoints,
+  progress reported by common.training_hooks (metrics.jsonl in the workdir)."""
+  return trainer.train_ddpm(config, os.path.join(workdir, "checkpoints"), dataset,
+                            hooks=common.training_hooks(workdir), **kwargs)
 
 
 def _metrics(workdir):
@@ -94,17 +102,17 @@ class TrainLoopTest(absltest.TestCase):
     workdir: it resumes at step 3 and ends with bit-identical params, EMA, optimizer state and
     key; metrics.jsonl holds each logged step once (step 4's stale line is replaced)."""
     config = tiny_digits_config(num_steps=6)
-    straight = ddpm_training.train_ddpm(config, os.path.join(self.root, "a"), self.dataset)
+    straight = _train(config, os.path.join(self.root, "a"), self.dataset)
     self.assertEqual(straight.steps_run, 6)
 
     workdir = os.path.join(self.root, "b")
     with self.assertRaises(_Killed):
-      ddpm_training.train_ddpm(config, workdir, self.dataset,
+      _train(config, workdir, self.dataset,
                                batches=_killed_at(self.dataset, config, 5))
     self.assertEqual(_metrics_steps(workdir), [2, 4])
     self.assertEqual(checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps(),
                      [3])
-    resumed = ddpm_training.train_ddpm(config, workdir, self.dataset)
+    resumed = _train(config, workdir, self.dataset)
     self.assertEqual(resumed.start_step, 3)
     self.assertEqual(resumed.steps_run, 3)
     self.assertEqual(int(resumed.state.step), 6)
@@ -113,7 +121,7 @@ class TrainLoopTest(absltest.TestCase):
     self.assertEqual(_metrics_steps(workdir), [2, 4, 6])
 
     # Started again when already finished: nothing to do, same state.
-    again = ddpm_training.train_ddpm(config, workdir, self.dataset)
+    again = _train(config, workdir, self.dataset)
     self.assertEqual(again.steps_run, 0)
     self.assertTrue(_tree_equal(again.state, straight.state))
 
@@ -124,14 +132,14 @@ class TrainLoopTest(absltest.TestCase):
     config = tiny_digits_config(num_steps=6)
     workdir = os.path.join(self.root, "early")
     with self.assertRaises(_Killed):
-      ddpm_training.train_ddpm(config, workdir, self.dataset,
+      _train(config, workdir, self.dataset,
                                batches=_killed_at(self.dataset, config, 2))
     self.assertEqual(_metrics_steps(workdir), [2])
     with checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
       self.assertEqual(ckpt.all_steps(), [])
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
       f.write('{"step": 4, "lo')  # and a line cut short by the kill
-    restarted = ddpm_training.train_ddpm(config, workdir, self.dataset)
+    restarted = _train(config, workdir, self.dataset)
     self.assertEqual((restarted.start_step, restarted.steps_run), (0, 6))
     self.assertEqual(_metrics_steps(workdir), [2, 4, 6])
 
@@ -142,13 +150,13 @@ class TrainLoopTest(absltest.TestCase):
     of them (the device sums the rest); `loss` is the last step's."""
     per_step_config = tiny_digits_config(num_steps=6)
     per_step_config.training.log_every = 1
-    ddpm_training.train_ddpm(per_step_config, os.path.join(self.root, "every"), self.dataset)
+    _train(per_step_config, os.path.join(self.root, "every"), self.dataset)
     losses = {r["step"]: r["loss"] for r in _metrics(os.path.join(self.root, "every"))}
     self.assertEqual(sorted(losses), [1, 2, 3, 4, 5, 6])
 
     workdir = os.path.join(self.root, "rare")
-    with mock.patch.object(ddpm_training, "check_interval", return_value=2) as interval:
-      ddpm_training.train_ddpm(tiny_digits_config(num_steps=6), workdir, self.dataset)
+    with mock.patch.object(trainer, "check_interval", return_value=2) as interval:
+      _train(tiny_digits_config(num_steps=6), workdir, self.dataset)
     interval.assert_called_once_with(2)
     records = _metrics(workdir)
     self.assertEqual([r["step"] for r in records], [2, 4, 6])
@@ -171,13 +179,13 @@ class TrainLoopTest(absltest.TestCase):
           self.dataset, 16, config.seed, start_step=start), start):
         yield (images * np.nan if step >= 4 else images), labels
 
-    with self.assertRaisesRegex(ddpm_training.NonFiniteLossError,
+    with self.assertRaisesRegex(trainer.NonFiniteLossError,
                                 r"non-finite at step 5.*last good checkpoint \(step 3\)"):
-      ddpm_training.train_ddpm(config, workdir, self.dataset, batches=batches)
+      _train(config, workdir, self.dataset, batches=batches)
     with checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
       self.assertEqual(ckpt.all_steps(), [3])
     # A new run resumes from that checkpoint (here with nothing left to do at num_steps=3).
-    resumed = ddpm_training.train_ddpm(tiny_digits_config(num_steps=3), workdir, self.dataset)
+    resumed = _train(tiny_digits_config(num_steps=3), workdir, self.dataset)
     self.assertEqual((resumed.start_step, resumed.steps_run), (3, 0))
     self.assertTrue(all(np.all(np.isfinite(x)) for x in jax.tree.leaves(resumed.state.params)))
 
@@ -231,11 +239,11 @@ class TrainLoopTest(absltest.TestCase):
     config.model.dropout = 0.3
     with mock.patch.object(diffusers_import, "load_diffusers_unet",
                            return_value=(imported_model, imported)) as loader:
-      model, params = train_ddpm.model_from_config(config)
+      model, params = trainer.model_from_config(config)
     loader.assert_called_once_with("/weights/ddpm", None)
     self.assertEqual(model.dropout, 0.3)
     self.assertEqual(model.ch, TINY_MODEL["ch"])
-    result = ddpm_training.train_ddpm(config, os.path.join(self.root, "ft"), self.dataset,
+    result = _train(config, os.path.join(self.root, "ft"), self.dataset,
                                       model=model, init_params=params)
     self.assertEqual(result.steps_run, 0)
     self.assertTrue(_tree_equal(result.state.params, imported))
@@ -278,7 +286,7 @@ class TrainLoopTest(absltest.TestCase):
     for call in sample.call_args_list:
       self.assertEqual(call.args[2], expected)
     self.assertEqual(results["sampling_nfe"], 2)
-    self.assertEqual(ddpm_training.sampling_schedule(config), expected)
+    self.assertEqual(trainer.sampling_schedule(config), expected)
 
   def test_bad_sampling_config_stops_before_training(self):
     """sampling.order 4 or an unknown sampling.variant / sampler stops with a ValueError naming
@@ -316,17 +324,18 @@ class SampleImagesTest(absltest.TestCase):
     model, params = _noisy_tiny_unet()
     view = samplers.noise_schedule(sde.DiscreteSchedule())
     key = jax.random.PRNGKey(5)
-    ddpm = ddpm_training.sample_images(model, params, view, key, 2, (8, 8, 1), "ddpm", 50)
+    network = samplers.Network(model, params, view)
+    ddpm = samplers.sample_images(network, key, 2, (8, 8, 1), "ddpm", 50)
     self.assertEqual(ddpm.nfe, 1000)
     self.assertTrue(np.all(np.isfinite(ddpm.images)))
     with mock.patch.object(samplers, "dpm_solver", wraps=samplers.dpm_solver) as solver:
-      second = ddpm_training.sample_images(model, params, view, key, 4, (8, 8, 1), "dpm_solver",
-                                           6, order=2, variant="dpmsolver")
+      second = samplers.sample_images(network, key, 4, (8, 8, 1), "dpm_solver", 6, order=2,
+                                      variant="dpmsolver")
     self.assertEqual(solver.call_args.kwargs["order"], 2)
     self.assertEqual(solver.call_args.kwargs["variant"], "dpmsolver")
     self.assertEqual(second.nfe, 6)
-    third = ddpm_training.sample_images(model, params, view, key, 4, (8, 8, 1), "dpm_solver", 6,
-                                        order=3, variant="dpmsolver")
+    third = samplers.sample_images(network, key, 4, (8, 8, 1), "dpm_solver", 6, order=3,
+                                   variant="dpmsolver")
     self.assertGreater(np.max(np.abs(second.images - third.images)), 1e-4)
 
 
@@ -335,7 +344,6 @@ _PADDED_SAMPLING_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import jax, numpy as np
     from ddpm_ot_jax import samplers, sde, train
-    from ddpm_ot_jax.experiments import ddpm_training
     import train_ddpm_test
     assert jax.device_count() == 4
     model, params = train_ddpm_test._noisy_tiny_unet(num_classes=3)
@@ -347,9 +355,9 @@ _PADDED_SAMPLING_SCRIPT = textwrap.dedent("""
     def recording(method, eps_fn, schedule, x, **kwargs):
       seen.append((x.shape[0], len(x.sharding.device_set)))
       return original(method, eps_fn, schedule, x, **kwargs)
-    run = lambda mesh: ddpm_training.sample_images(
-        model, params, view, jax.random.PRNGKey(6), 7, (8, 8, 1), "ddim", 3, batch_size=5,
-        mesh=mesh)
+    run = lambda mesh: samplers.sample_images(
+        samplers.Network(model, params, view, mesh), jax.random.PRNGKey(6), 7, (8, 8, 1),
+        "ddim", 3, batch_size=5)
     samplers.sample = recording
     sharded = run(mesh)
     samplers.sample = original

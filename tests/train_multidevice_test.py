@@ -49,15 +49,15 @@ class DataParallelTest(absltest.TestCase):
   def _check_in_process(self):
     from ddpm_ot_jax import checkpoints  # pylint: disable=g-import-not-at-top
     from ddpm_ot_jax import data  # pylint: disable=g-import-not-at-top
-    from ddpm_ot_jax.experiments import ddpm_training  # pylint: disable=g-import-not-at-top
+    from ddpm_ot_jax import trainer  # pylint: disable=g-import-not-at-top
 
     root = tempfile.mkdtemp()
     self.addCleanup(shutil.rmtree, root, ignore_errors=True)
     dataset = data.load_digits("train")
     runs = {}
     for count in (1, NUM_DEVICES):
-      runs[count] = ddpm_training.train_ddpm(_tiny_config(count), os.path.join(root, str(count)),
-                                             dataset)
+      runs[count] = trainer.train_ddpm(_tiny_config(count),
+                                       os.path.join(root, str(count), "checkpoints"), dataset)
     one, four = runs[1], runs[NUM_DEVICES]
     self.assertEqual(one.mesh.devices.size, 1)
     self.assertEqual(four.mesh.devices.size, NUM_DEVICES)
@@ -89,7 +89,7 @@ class DataParallelTest(absltest.TestCase):
     bad = _tiny_config(NUM_DEVICES)
     bad.training.batch_size = 6
     with self.assertRaisesRegex(ValueError, "multiple of 4"):
-      ddpm_training.train_ddpm(bad, os.path.join(root, "bad"), dataset)
+      trainer.train_ddpm(bad, os.path.join(root, "bad"), dataset)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,22 @@
-"""What every experiment needs: atomic file writes, figures, float64 switch, timing."""
+"""What every experiment needs: atomic file writes, figures, float64 switch, timing, and the
+training loop's reporting (progress lines, metrics.jsonl, sample grids)."""
 from __future__ import annotations
 
 import contextlib
 import json
+import logging as logging_std
 import os
 import sys
 import tempfile
 import time
 from typing import TYPE_CHECKING, Any, Iterator
 
+from absl import logging
 import jax
 import numpy as np
+
+from ddpm_ot_jax import plotting
+from ddpm_ot_jax import trainer
 
 if TYPE_CHECKING:
   import matplotlib.figure
@@ -75,6 +81,18 @@ def save_figure(fig: "matplotlib.figure.Figure", path: str, dpi: int = 120) -> N
     sys.modules["matplotlib.pyplot"].close(fig)
 
 
+def save_image_grid(images: np.ndarray, path: str, title: str = "",
+                    columns: int | None = None) -> None:
+  """Writes `plotting.image_grid_figure(images, title)` as a PNG, atomically."""
+  save_figure(plotting.image_grid_figure(images, title, columns), path)
+
+
+def format_seconds(seconds: float) -> str:
+  """h:mm:ss, for ETAs and durations in log lines."""
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 def progress_bar(done: int, total: int, width: int = 20) -> str:
   """'[#####...............]' for `done` of `total`, the prefix of long runs' log lines."""
   filled = min(width, done * width // max(total, 1))
@@ -95,3 +113,75 @@ class Stopwatch:
   def seconds(self) -> float:
     jax.effects_barrier()
     return time.perf_counter() - self._start
+
+
+class _QuietOrbax(logging_std.Filter):
+  """Drops orbax's INFO chatter (a dozen lines per save) from the absl log; keeps warnings."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+  """Installs `_QuietOrbax` on the absl handler (once)."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
+    handler.addFilter(_QuietOrbax())
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+  """Drops metrics.jsonl lines past `last_step` (written by a killed run after the checkpoint
+  that is resumed) and lines cut short by a kill."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line).get("step", 0) <= last_step:
+        kept.append(line)
+    except json.JSONDecodeError:  # a line cut short by a kill
+      continue
+  if len(kept) != len(lines):
+    with atomic_path(path) as tmp:
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+
+
+def training_hooks(workdir: str, grids: bool = True) -> trainer.TrainHooks:
+  """How an experiment reports `trainer.train_ddpm`: a log line at the start and every
+  training.log_every steps (progress bar, loss, steps/s, ETA), the same records appended to
+  <workdir>/metrics.jsonl (cut back on every start to the step the run starts from, so lines
+  a killed run wrote after its last checkpoint are not repeated) and, with `grids`, EMA sample
+  grids to <workdir>/grids/step_<k>.png. Files are written by process 0 only."""
+  quiet_orbax_logs()
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  is_chief = jax.process_index() == 0
+
+  def on_start(start_step: int, num_steps: int, info: dict) -> None:
+    if info.get("resumed"):
+      logging.info("Resuming from the checkpoint at step %d in %s.", start_step,
+                   info["checkpoint_dir"])
+    if is_chief:
+      truncate_metrics(metrics_path, start_step)
+    if start_step < num_steps:
+      logging.info("Training %s steps %d → %d, batch %d on %d device(s), %s parameters.",
+                   info["model"], start_step, num_steps, info["batch_size"], info["devices"],
+                   f"{info['params']:,}")
+
+  def on_record(record: dict) -> None:
+    if is_chief:
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps({k: v for k, v in record.items() if k != "num_steps"}) + "\n")
+    logging.info("%s step %d/%d  loss %.5f (mean of %d steps)  %.2f steps/s  ETA %s",
+                 progress_bar(record["step"], record["num_steps"]), record["step"],
+                 record["num_steps"], record["loss_mean"], record["losses"],
+                 record["steps_per_second"], format_seconds(record["eta_seconds"]))
+
+  def on_grid(step: int, samples) -> None:
+    if is_chief:
+      save_image_grid(samples.images, os.path.join(workdir, "grids", f"step_{step:07d}.png"),
+                      f"EMA samples at step {step} (DDIM, {samples.nfe} NFE)")
+
+  return trainer.TrainHooks(on_start, on_record, on_grid if grids else None)

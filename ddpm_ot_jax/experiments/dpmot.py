@@ -8,7 +8,7 @@ Stages, each cached in the workdir and recomputed only when its inputs change
             once), the Inception weights (evaluation.features='inception') and the diffusers
             weights (training.init_from_diffusers). All that are missing are named in ONE
             FileNotFoundError, with where each was looked for.
-1. model    train the DDPM (ddpm_training.train_ddpm; resumable) → <workdir>/model-<fp>/;
+1. model    train the DDPM (trainer.train_ddpm; resumable) → <workdir>/model-<fp>/;
             with training.init_from_diffusers the imported network is used as it is (no
             training step; fingerprint = the weights' path, size and mtime + config.diffusion)
 2. latents  the target set diffused to step M (the switch time t_M):
@@ -43,13 +43,11 @@ mmr_sweep_<method> (classifier features); sweep_* lists with dpmot.switch_sweep;
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import re
-import time
 import zlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from absl import logging
 import flax.serialization
@@ -63,13 +61,11 @@ from ddpm_ot_jax import data
 from ddpm_ot_jax import metrics
 from ddpm_ot_jax import samplers
 from ddpm_ot_jax import semidiscrete
-from ddpm_ot_jax import train
+from ddpm_ot_jax import trainer
 from ddpm_ot_jax.experiments import common
-from ddpm_ot_jax.experiments import ddpm_training
 from ddpm_ot_jax.experiments import stages
-from ddpm_ot_jax.experiments import train_ddpm
 
-# Streams derived from config.seed (ddpm_training uses 0–3).
+# Streams derived from config.seed (trainer uses 0–2).
 LATENT_STREAM, OT_STREAM, METHOD_STREAM, CLASSIFIER_STREAM = 10, 11, 12, 13
 # DPM-Solver settings of every DPM-Solver row, the baseline and DPM-OT's alike.
 DPM_SOLVER_KWARGS = (("order", 3), ("variant", "dpmsolver++"))
@@ -201,7 +197,7 @@ def load_inputs(config: ml_collections.ConfigDict) -> Inputs:
   if config.training.get("init_from_diffusers", ""):
     shape = splits["train"].image_shape if "train" in splits else None  # checked against it
     try:
-      diffusers = train_ddpm.model_from_config(config, shape)
+      diffusers = trainer.model_from_config(config, shape)
     except (FileNotFoundError, ValueError) as e:
       problems.append(("diffusers weights (config.training.init_from_diffusers)", e))
   if problems:
@@ -237,20 +233,23 @@ def _imported_model_inputs(config) -> dict:
 
 
 def _model(config, workdir: str, train_set: data.ImageDataset, inputs: Inputs):
-  """(TrainResult, model fingerprint): trained (resumable), or the imported diffusers UNet
-  placed on the devices by the same `train_ddpm` path with zero training steps."""
+  """(network, results about it, model fingerprint): trained (resumable), or the imported
+  diffusers UNet as it is (`trainer.place_network`, no training step)."""
   if inputs.diffusers is None:
     fp = stages.fingerprint(_model_inputs(config))
-    return ddpm_training.train_ddpm(config, stages.stage_dir(workdir, "model", fp), train_set), fp
+    directory = stages.stage_dir(workdir, "model", fp)
+    result = trainer.train_ddpm(config, os.path.join(directory, "checkpoints"), train_set,
+                                hooks=common.training_hooks(directory))
+    info = dict(params=result.num_params, train_steps=int(jax.device_get(result.state.step)),
+                train_seconds=result.train_seconds, imported_weights=0)
+    return result.network, info, fp
   fp = stages.fingerprint(_imported_model_inputs(config))
-  untrained = copy.deepcopy(config)
-  untrained.training.num_steps = 0
   model, params = inputs.diffusers
   logging.info("Using the diffusers weights %s as they are (no training).",
                config.training.init_from_diffusers)
-  result = ddpm_training.train_ddpm(untrained, stages.stage_dir(workdir, "model", fp), train_set,
-                                    model=model, init_params=params)
-  return result, fp
+  network = trainer.place_network(config, model, params)
+  info = dict(params=network.num_params, train_steps=0, train_seconds=0.0, imported_weights=1)
+  return network, info, fp
 
 
 def _latents(config, schedule, targets: np.ndarray, switch_index: int, fp: str, workdir: str):
@@ -314,68 +313,20 @@ def _diagnostics_from_array(values: np.ndarray) -> dict:
   return out
 
 
-def ot_mapper(latents: np.ndarray, g: Any, devices: Sequence[Any], block_size: int
-              ) -> Callable[[jax.Array], tuple[np.ndarray, np.ndarray]]:
-  r"""The semi-discrete Monge map z ↦ (x_M^{j(z)}, j(z)), j(z) = argmax_j g_j − ‖z − x_M^j‖².
-
-  latents (N, ...) stay on the host and g (N,) is the potential; z is (B, d) with d the
-  size of one latent. On one device the flattened latents are placed once and passed to the
-  jitted blocked argmax as an argument (`semidiscrete.assign`; never baked into the program
-  as an N × d constant); on several, the target axis is split across `devices`
-  (`semidiscrete.shard_targets` once, `assign_sharded` per batch), so no device holds all
-  N × d values. Returns the chosen latents (B, ...) and their indices (B,) int32.
-  """
-  latents = np.asarray(latents, np.float32)
-  flat = latents.reshape(len(latents), -1)
-  devices = list(devices)
-  if len(devices) > 1:
-    sharded = semidiscrete.shard_targets(flat, g, mesh=devices)
-    index_fn = lambda z: semidiscrete.assign_sharded(z, sharded, block_size=block_size)  # noqa: E731
-  else:
-    y = jax.device_put(flat, devices[0])
-    g_dev = jax.device_put(np.asarray(g, np.float32), devices[0])
-    index_fn = lambda z: semidiscrete.assign(z, y, g_dev, block_size)  # noqa: E731
-
-  def apply(z: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-    index = np.asarray(index_fn(z), np.int32)
-    return latents[index], index
-
-  return apply
-
-
-def _draw(method: Method, model, params, view, mesh, key, num_samples: int, batch_size: int,
-          image_shape, ot_map: Callable | None, start_index: int | None, source: str
-          ) -> dict[str, np.ndarray]:
-  """`num_samples` images of `method` in chunks of `batch_size`; chunk k uses
-  fold_in(key, k). Returns images, nfe, seconds and, for DPM-OT, target_index (the target
-  j(z) each sample started from)."""
-  chunks, indices, nfe = [], [], None
-  labels = ddpm_training.class_labels(model, num_samples)
-  start = time.perf_counter()
-  for k, lo in enumerate(range(0, num_samples, batch_size)):
-    count = min(batch_size, num_samples - lo)
-    key_noise, key_sampler = jax.random.split(jax.random.fold_in(key, k))
-    if method.dpmot:
-      z = semidiscrete.sample_source(key_noise, (count, int(np.prod(image_shape))), source)
-      x_start, index = ot_map(z)
-      x_start = jnp.asarray(x_start.reshape((count,) + tuple(image_shape)))
-      indices.append(index)
-    else:
-      x_start = jax.random.normal(key_noise, (count,) + tuple(image_shape), jnp.float32)
-    if count % mesh.devices.size == 0:
-      x_start = jax.device_put(x_start, train.batch_sharded(mesh))
-    y = None if labels is None else labels[lo:lo + count]
-    eps_fn = samplers.model_eps_fn(model.apply, params, y)
-    result = samplers.sample(method.sampler, eps_fn, view, x_start, key=key_sampler,
-                             num_steps=method.num_steps,
-                             start_index=start_index if method.dpmot else None,
-                             **dict(method.kwargs))
-    chunks.append(np.asarray(jnp.clip(result.x, -1.0, 1.0)))
-    nfe = int(result.nfe)
-  out = {"images": np.concatenate(chunks), "nfe": np.array(nfe),
-         "seconds": np.array(time.perf_counter() - start)}
+def _draw(method: Method, network, key, num_samples: int, batch_size: int, image_shape,
+          monge_map, start_index: int | None, source: str) -> dict[str, np.ndarray]:
+  """`num_samples` images of `method` (`samplers.sample_images` or `samplers.dpm_ot`) as the
+  arrays of the sample cache: images, nfe, seconds and, for DPM-OT, target_index."""
+  kwargs = dict(method.kwargs)
   if method.dpmot:
-    out["target_index"] = np.concatenate(indices)
+    result = samplers.dpm_ot(network, monge_map, key, num_samples, image_shape, start_index,
+                             method.num_steps, method.sampler, source, batch_size, **kwargs)
+  else:
+    result = samplers.sample_images(network, key, num_samples, image_shape, method.sampler,
+                                    method.num_steps, batch_size, **kwargs)
+  out = {"images": result.images, "nfe": np.array(result.nfe), "seconds": np.array(result.seconds)}
+  if result.target_index is not None:
+    out["target_index"] = result.target_index
   return out
 
 
@@ -523,19 +474,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                len(targets_set), dc.target_split, train_set.image_shape)
 
   # 1. Model.
-  result, model_fp = _model(config, workdir, train_set, inputs)
-  model, params, schedule, mesh = result.model, result.state.ema_params, result.schedule, result.mesh
-  view = result.sampling_schedule  # the samplers' view matching training.loss_type
-  train_steps = int(jax.device_get(result.state.step))
-  logging.info("Model: %d params, %d steps (%.0f s this run)", result.num_params, train_steps,
-               result.train_seconds)
+  network, model_info, model_fp = _model(config, workdir, train_set, inputs)
+  schedule = trainer.schedule_from_config(config)
+  logging.info("Model: %d params, %d steps (%.0f s this run)", model_info["params"],
+               model_info["train_steps"], model_info["train_seconds"])
 
   targets = targets_set.images
   if dc.max_targets and len(targets) > dc.max_targets:
     targets = targets[:dc.max_targets]
   reference_features = evaluator.features(train_set.images)
   novelty_pixels = novelty_set.images[:ec.max_novelty_images or None]
-  devices = list(mesh.devices.flat)
+  devices = list(network.mesh.devices.flat)
 
   # 2–3. Latents and OT potential at the switch index (and the sweep's).
   def expressway(switch_index: int, iterations: int):
@@ -552,22 +501,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           "by at most about lr per step), dpmot.ot.num_iterations (or "
           "dpmot.sweep_ot_iterations) or dpmot.ot.error_batch_size.", switch_index,
           diag.get("iterations", -1), diag.get("chi2_error", float("nan")), dc.ot.chi2_threshold)
-    return ot_mapper(latents, g, devices, dc.ot.block_size), diag, lat_fp, ot_fp
+    return semidiscrete.monge_map(latents, g, devices, dc.ot.block_size), diag, lat_fp, ot_fp
 
   ot_map, ot_diag, _, ot_fp = expressway(dc.switch_index, dc.ot.num_iterations)
 
   # 4–5. Samples and evaluation, one method at a time.
   alpha_bar = float(schedule.alphas_cumprod()[dc.switch_index])
   results: dict[str, Any] = {
-      "params": result.num_params,
-      "train_steps": train_steps,
-      "imported_weights": int(inputs.diffusers is not None),
+      **model_info,
       "num_samples": ec.num_samples,
       "num_targets": len(targets),
       "switch_index": dc.switch_index,
       "switch_alpha_bar": alpha_bar,
       "switch_noise_to_signal": float(np.sqrt(1 / alpha_bar - 1)),
-      "train_seconds": result.train_seconds,
   }
   if evaluator.classifier_accuracy is not None:
     results["classifier_accuracy"] = evaluator.classifier_accuracy
@@ -583,9 +529,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  batch_size=ec.batch_size, seed=config.seed))
 
     def compute():
-      return _draw(method, model, params, view, mesh,
-                   jax.random.fold_in(method_key, _stream(method.name)), ec.num_samples,
-                   ec.batch_size, train_set.image_shape, ot_map, start_index, dc.source)
+      return _draw(method, network, jax.random.fold_in(method_key, _stream(method.name)),
+                   ec.num_samples, ec.batch_size, train_set.image_shape, ot_map, start_index,
+                   dc.source)
 
     path = os.path.join(workdir, f"{stem}-{fp[:12]}.npz")
     arrays, cached = stages.cached_arrays(path, fp, compute)
@@ -604,8 +550,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     row = measure(arrays["images"])
     row["nfe"], row["seconds"] = int(arrays["nfe"]), float(arrays["seconds"])
     rows.append((method.name, row))
-    ddpm_training.save_image_grid(arrays["images"][:100], os.path.join(workdir, f"samples_{_key(method.name)}.png"),
-                                  f"{method.name} ({row['nfe']} NFE)")
+    common.save_image_grid(arrays["images"][:100],
+                           os.path.join(workdir, f"samples_{_key(method.name)}.png"),
+                           f"{method.name} ({row['nfe']} NFE)")
     logging.info("%s: NFE %d, FID %.3f, copies %.3f, %.1f s%s", method.name, row["nfe"], row["fid"],
                  row["copy_fraction"], row["seconds"], f" (cached samples {path})" if cached else "")
     results.update({f"{k}_{_key(method.name)}": v for k, v in row.items()})

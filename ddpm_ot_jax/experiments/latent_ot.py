@@ -41,7 +41,7 @@ ot_matrix.png (the K × K optimal transport plans as images: Figure 7) and codes
 their codes and the reconstructions).
 
 The DDPMs come from `models.<name>` specs (see `model_spec` and `load_model`): trained here
-with `ddpm_training.train_ddpm` in <models_dir>/<data>-<fingerprint>/ (`model_folder`; a
+with `trainer.train_ddpm` in <models_dir>/<data>-<fingerprint>/ (`model_folder`; a
 rerun resumes; models_dir defaults to <workdir>/models),
 restored from another run's checkpoints, or imported from diffusers weights. Every model's
 data folder, checkpoint or weights is checked before the first model is trained
@@ -66,13 +66,14 @@ from ddpm_ot_jax import checkpoints
 from ddpm_ot_jax import data
 from ddpm_ot_jax import flow
 from ddpm_ot_jax import ot
+from ddpm_ot_jax import plotting
 from ddpm_ot_jax import samplers
 from ddpm_ot_jax import train
+from ddpm_ot_jax import trainer
 from ddpm_ot_jax.experiments import common
-from ddpm_ot_jax.experiments import ddpm_training
 from ddpm_ot_jax.experiments import stages
 
-# Streams derived from config.seed (ddpm_training uses 0–3, dpmot 10–13).
+# Streams derived from config.seed (trainer uses 0–2, train_ddpm 3, dpmot 10–13).
 SUBSET_STREAM, SHUFFLE_STREAM, RESTORE_STREAM = 20, 21, 22
 
 ENCODERS = ("ode", "ddim")
@@ -225,7 +226,7 @@ class LoadedModel:
   """A DDPM ready for the samplers: ε_θ = model.apply with `params` (EMA weights).
 
   schedule: the samplers' continuous-time view matching how it was trained
-  (`ddpm_training.sampling_schedule`; imported diffusers weights: the discrete chain's).
+  (`trainer.sampling_schedule`; imported diffusers weights: the discrete chain's).
   directory: where its checkpoints live (or the diffusers path); steps: optimizer steps
   behind the parameters (0 for imported weights); train_seconds: training time spent by
   this process (0 when restored).
@@ -357,7 +358,7 @@ def _restore(name: str, cfg: ml_collections.ConfigDict, spec: ml_collections.Con
   checkpointer, step, folder = _open_checkpoints(name, spec)
   try:
     model = shared_unet(cfg.model)
-    hparams = ddpm_training.hparams_from_config(cfg, model)
+    hparams = trainer.hparams_from_config(cfg, model)
     tx = train.make_optimizer(hparams)
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), RESTORE_STREAM)
     target = train.make_init_fn(model, tx, image_shape, mesh)(key, key)
@@ -373,7 +374,7 @@ def load_model(config: ml_collections.ConfigDict, name: str, spec: ml_collection
   """Trains (resuming), restores or imports the DDPM `name` described by `spec`.
 
   source='train' reads the training split (restricted as the spec says) and runs
-  `ddpm_training.train_ddpm` in `model_folder(...)`, whose name carries the fingerprint of
+  `trainer.train_ddpm` in `model_folder(...)`, whose name carries the fingerprint of
   every input of the training run, so a rerun resumes and a changed config trains a new model
   instead of reusing the old one. Missing data, checkpoints or weights raise
   FileNotFoundError naming the missing path.
@@ -387,14 +388,16 @@ def load_model(config: ml_collections.ConfigDict, name: str, spec: ml_collection
                        f"experiment uses {tuple(image_shape)}.")
     directory = model_folder(config, workdir, cfg, spec)
     logging.info("Model '%s': %d training images → %s", name, len(dataset), directory)
-    result = ddpm_training.train_ddpm(cfg, directory, dataset, model=shared_unet(cfg.model))
+    result = trainer.train_ddpm(cfg, os.path.join(directory, "checkpoints"), dataset,
+                                model=shared_unet(cfg.model),
+                                hooks=common.training_hooks(directory))
     return LoadedModel(name, result.model, result.state.ema_params, result.sampling_schedule,
                        result.mesh, directory, int(jax.device_get(result.state.step)), result.train_seconds,
                        int(getattr(result.model, "num_classes", 0)))
   mesh = train.make_data_mesh()
   if spec.source == "checkpoint":
     model, params, step, directory = _restore(name, cfg, spec, image_shape, mesh)
-    return LoadedModel(name, model, params, ddpm_training.sampling_schedule(cfg), mesh,
+    return LoadedModel(name, model, params, trainer.sampling_schedule(cfg), mesh,
                        directory, step, 0.0, int(getattr(model, "num_classes", 0)))
   from ddpm_ot_jax.models import diffusers_import  # pylint: disable=g-import-not-at-top
 
@@ -403,7 +406,7 @@ def load_model(config: ml_collections.ConfigDict, name: str, spec: ml_collection
   params = jax.device_put(params, train.replicated(mesh))
   logging.info("Model '%s': diffusers weights from %s.", name, spec.path)
   # Published DDPM weights were trained on the discrete chain.
-  schedule = samplers.noise_schedule(ddpm_training.schedule_from_config(cfg), "discrete")
+  schedule = samplers.noise_schedule(trainer.schedule_from_config(cfg), "discrete")
   return LoadedModel(name, model, params, schedule, mesh, spec.path, 0, 0.0,
                      int(getattr(model, "num_classes", 0)))
 
@@ -435,7 +438,7 @@ def encode_images(loaded: LoadedModel, images: np.ndarray, method: str,
                   lc: ml_collections.ConfigDict, labels: np.ndarray | None = None,
                   round_trip: bool = False) -> Codes:
   """Codes of `images` under `method`, in chunks of lc.batch_size (split across the devices,
-  padded to a multiple of their number: `ddpm_training.shard_rows`):
+  padded to a multiple of their number: `samplers.shard_rows`):
 
   * 'ode': the PF-ODE encoder from step 0 to N − 1 (`samplers.ode_encode`, adaptive, tolerances
     lc.ode_rtol/atol); decoder: the same ODE backwards (`samplers.pf_ode`);
@@ -452,24 +455,24 @@ def encode_images(loaded: LoadedModel, images: np.ndarray, method: str,
   start = time.perf_counter()
   for lo in range(0, len(images), lc.batch_size):
     count = len(images[lo:lo + lc.batch_size])
-    x = ddpm_training.shard_rows(images[lo:lo + lc.batch_size], loaded.mesh)
+    x = samplers.shard_rows(images[lo:lo + lc.batch_size], loaded.mesh)
     y = None
     if loaded.num_classes:
-      y = ddpm_training.shard_rows(
+      y = samplers.shard_rows(
           np.asarray(labels[lo:lo + lc.batch_size], np.int32), loaded.mesh)
     eps_fn = loaded.eps_fn(y)
     if method == "ode":
       encoded = samplers.ode_encode(eps_fn, loaded.schedule, x, options)
     else:
       encoded = samplers.ddim_invert(eps_fn, loaded.schedule, x, lc.ddim_steps)
-    codes.append(ddpm_training.gather_rows(encoded.x, count))
+    codes.append(samplers.gather_rows(encoded.x, count))
     nfe_encode = int(encoded.nfe)
     if round_trip:
       if method == "ode":
         decoded = samplers.pf_ode(eps_fn, loaded.schedule, encoded.x, options, end_index=0.0)
       else:
         decoded = samplers.ddim(eps_fn, loaded.schedule, encoded.x, lc.ddim_steps)
-      recons.append(ddpm_training.gather_rows(decoded.x, count))
+      recons.append(samplers.gather_rows(decoded.x, count))
       nfe_decode = int(decoded.nfe)
   seconds = time.perf_counter() - start
   return Codes(np.concatenate(codes), np.concatenate(recons) if recons else None, nfe_encode,
@@ -519,7 +522,7 @@ def _codes_figure(images: np.ndarray, rows: list[tuple[str, np.ndarray]], path: 
   axes = fig.subplots(len(all_rows), 1, squeeze=False)
   fig.subplots_adjust(hspace=0.08)
   for ax, (label, row) in zip(axes[:, 0], all_rows):
-    grid = ddpm_training.image_grid(np.clip(row, -1, 1), columns=len(row))
+    grid = plotting.image_grid(np.clip(row, -1, 1), columns=len(row))
     ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1,
               interpolation="nearest")
     ax.set_axis_off()

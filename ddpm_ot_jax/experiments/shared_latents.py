@@ -53,12 +53,12 @@ import optax
 
 from ddpm_ot_jax import flow
 from ddpm_ot_jax import ot
+from ddpm_ot_jax import plotting
 from ddpm_ot_jax import samplers
 from ddpm_ot_jax.experiments import common
-from ddpm_ot_jax.experiments import ddpm_training
 from ddpm_ot_jax.experiments import latent_ot
 
-# Streams derived from config.seed (ddpm_training 0–3, dpmot 10–13, latent_ot 20–22).
+# Streams derived from config.seed (trainer 0–2, train_ddpm 3, dpmot 10–13, latent_ot 20–22).
 LATENT_STREAM, VAE_STREAM = 30, 31
 DECODERS = ("ddim", "pf_ode")
 GROUPS = ("different_data", "same_data", "conditional", "vae_control")
@@ -182,22 +182,22 @@ def decode_latents(loaded: latent_ot.LoadedModel, latents: np.ndarray,
   """Images D(z) (clipped to [−1, 1]) from x_T = z with the deterministic sampler
   `sc.sampler` ('ddim' with sc.num_steps steps and η = 0, or the adaptive 'pf_ode') on the
   model's own schedule view; a class-conditional model decodes every latent with `label`.
-  Chunks of sc.batch_size run split across the devices (`ddpm_training.shard_rows`).
+  Chunks of sc.batch_size run split across the devices (`samplers.shard_rows`).
   Returns (images, NFE)."""
   options = flow.SolverOptions(rtol=sc.ode_rtol, atol=sc.ode_atol)
   chunks, nfe = [], 0
   for lo in range(0, len(latents), sc.batch_size):
     count = len(latents[lo:lo + sc.batch_size])
-    z = ddpm_training.shard_rows(latents[lo:lo + sc.batch_size], loaded.mesh)
+    z = samplers.shard_rows(latents[lo:lo + sc.batch_size], loaded.mesh)
     y = None
     if label is not None:
-      y = ddpm_training.shard_rows(np.full((count,), label, np.int32), loaded.mesh)
+      y = samplers.shard_rows(np.full((count,), label, np.int32), loaded.mesh)
     eps_fn = loaded.eps_fn(y)
     if sc.sampler == "ddim":
       result = samplers.sample("ddim", eps_fn, loaded.schedule, z, num_steps=sc.num_steps, eta=0.0)
     else:
       result = samplers.sample("pf_ode", eps_fn, loaded.schedule, z, options=options)
-    chunks.append(ddpm_training.gather_rows(jnp.clip(result.x, -1.0, 1.0), count))
+    chunks.append(samplers.gather_rows(jnp.clip(result.x, -1.0, 1.0), count))
     nfe = int(result.nfe)
   return np.concatenate(chunks), nfe
 
@@ -211,7 +211,7 @@ def _rows_figure(rows: list[tuple[str, np.ndarray]], path: str, title: str) -> N
   axes = fig.subplots(len(rows), 1, squeeze=False)
   fig.subplots_adjust(hspace=0.08)
   for ax, (label, images) in zip(axes[:, 0], rows):
-    grid = ddpm_training.image_grid(images, columns=columns)
+    grid = plotting.image_grid(images, columns=columns)
     ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1,
               interpolation="nearest")
     ax.set_axis_off()

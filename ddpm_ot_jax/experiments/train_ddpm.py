@@ -9,13 +9,14 @@ CIFAR-10 setup). Stages:
    UNet2DModel when `training.init_from_diffusers` names one (fine-tuning the published
    google/ddpm-cifar10-32 model instead of training for days; its sample_size and
    in_channels must match the data's images). Its exact parameter count is logged at once.
-3. Training with `ddpm_training.train_ddpm` (resumes from <workdir>/checkpoints).
+3. Training with `trainer.train_ddpm` (resumes from <workdir>/checkpoints; progress lines,
+   metrics.jsonl and sample grids by `common.training_hooks`).
 4. `sampling.num_samples` samples from the EMA parameters with `sampling.sampler`: 'ddim'
    (default; sampling.num_steps network calls, η = sampling.eta), 'dpm_solver'
    (sampling.num_steps calls, multistep of sampling.order 1–3, sampling.variant
    'dpmsolver++' or 'dpmsolver'), 'ddpm' (ancestral, all diffusion.num_steps steps;
    sampling.num_steps is not used) or 'pf_ode' (adaptive). They run on the continuous-time
-   view matching training.loss_type (`ddpm_training.sampling_schedule`). Grid
+   view matching training.loss_type (`trainer.sampling_schedule`). Grid
    <workdir>/samples.png and <workdir>/samples.npz. The sampling settings are checked before
    training starts.
 5. With `evaluate.classifier` (digits): a classifier trained on the training split scores
@@ -32,11 +33,8 @@ init_from_diffusers (a restarted fine-tuning run resumes).
 from __future__ import annotations
 
 import os
-from typing import Any
 
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -44,9 +42,12 @@ from absl import logging
 from ddpm_ot_jax import data
 from ddpm_ot_jax import samplers
 from ddpm_ot_jax import train
+from ddpm_ot_jax import trainer
 from ddpm_ot_jax.experiments import common
-from ddpm_ot_jax.experiments import ddpm_training
 from ddpm_ot_jax.models import unet
+
+# Streams derived from config.seed (trainer uses 0–2): final samples, the classifier.
+SAMPLE_STREAM, CLASSIFIER_STREAM = 3, 100
 
 
 def check_sampling(config: ml_collections.ConfigDict) -> None:
@@ -70,43 +71,13 @@ def check_sampling(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"sampling.num_samples must be ≥ 1, got {sc.num_samples}.")
 
 
-def model_from_config(config: ml_collections.ConfigDict,
-                      image_shape: tuple[int, int, int] | None = None
-                      ) -> tuple[flax.linen.Module, Any]:
-  """(model, init_params): from config.model (params None: a random init), or the
-  architecture and weights of diffusers weights when training.init_from_diffusers is set,
-  checked against the data's `image_shape` (H, W, C) when given."""
-  path = config.training.get("init_from_diffusers", "")
-  if not path:
-    return unet.unet_from_config(config.model), None
-  from ddpm_ot_jax.models import diffusers_import  # pylint: disable=g-import-not-at-top
-
-  model, params = diffusers_import.load_diffusers_unet(os.path.expanduser(path), image_shape)
-  if "dropout" in config.model:
-    model = model.clone(dropout=config.model.dropout)
-  logging.info("Starting from the diffusers weights in %s (architecture from its config.json; "
-               "config.model is ignored except dropout).", path)
-  return model, params
-
-
-def count_model_params(model: flax.linen.Module, image_shape: tuple[int, ...]) -> int:
-  """The exact number of scalars in `model`'s parameters for (H, W, C) images, from shapes
-  alone (`jax.eval_shape` of the init: nothing is computed or allocated)."""
-  y = jnp.zeros((1,), jnp.int32) if getattr(model, "num_classes", 0) > 0 else None
-  abstract = jax.eval_shape(lambda: model.init(
-      {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
-      jnp.zeros((1,) + tuple(image_shape), jnp.float32), jnp.zeros((1,), jnp.float32), y,
-      train=False))
-  return unet.count_params(abstract["params"])
-
-
 def _evaluate_with_classifier(config: ml_collections.ConfigDict, train_set: data.ImageDataset,
                               samples: np.ndarray) -> dict[str, float]:
   from ddpm_ot_jax import classifier  # pylint: disable=g-import-not-at-top
   from ddpm_ot_jax import metrics  # pylint: disable=g-import-not-at-top
 
   heldout = _load(config, config.evaluate.heldout_split)
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 100)
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), CLASSIFIER_STREAM)
   params = classifier.train_classifier(key, train_set.images, train_set.labels,
                                        num_classes=train_set.num_classes,
                                        num_steps=config.evaluate.classifier_steps)
@@ -136,12 +107,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   dataset = _load(config, "train")
   logging.info("Loaded %s: %d training images of shape %s.", config.data.name, len(dataset),
                dataset.image_shape)
-  model, init_params = model_from_config(config, dataset.image_shape)
+  model, init_params = trainer.model_from_config(config, dataset.image_shape)
+  if init_params is not None:
+    logging.info("Starting from the diffusers weights in %s (architecture from its "
+                 "config.json; config.model is ignored except dropout).",
+                 config.training.init_from_diffusers)
   num_params = (unet.count_params(init_params) if init_params is not None
-                else count_model_params(model, dataset.image_shape))
+                else trainer.count_model_params(model, dataset.image_shape))
   logging.info("%s: %s parameters", type(model).__name__, f"{num_params:,}")
-  result = ddpm_training.train_ddpm(config, workdir, dataset, model=model,
-                                    init_params=init_params)
+  result = trainer.train_ddpm(config, os.path.join(workdir, "checkpoints"), dataset, model=model,
+                              init_params=init_params, hooks=common.training_hooks(workdir))
   logging.info("Trained %d steps in %.1f s (%.1f images/s); final loss %.5f.",
                result.steps_run, result.train_seconds, result.images_per_second,
                result.final_loss)
@@ -150,15 +125,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if sc.sampler == "ddpm" and sc.num_steps != result.schedule.num_steps:
     logging.info("sampler='ddpm' runs all %d steps (sampling.num_steps=%s is not used).",
                  result.schedule.num_steps, sc.num_steps)
-  sample_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), ddpm_training.SAMPLE_STREAM)
-  samples = ddpm_training.sample_images(
-      result.model, result.state.ema_params, result.sampling_schedule, sample_key,
-      sc.num_samples, dataset.image_shape, sc.sampler, sc.num_steps, sc.eta, sc.batch_size,
-      result.mesh, order=sc.get("order", 3), variant=sc.get("variant", "dpmsolver++"))
+  sample_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), SAMPLE_STREAM)
+  kwargs = {"ddim": dict(eta=sc.eta),
+            "dpm_solver": dict(order=sc.order, variant=sc.variant)}.get(sc.sampler, {})
+  samples = samplers.sample_images(result.network, sample_key, sc.num_samples,
+                                   dataset.image_shape, sc.sampler, sc.num_steps,
+                                   sc.batch_size, **kwargs)
   nfe = samples.nfe
   title = f"{config.data.name}: {sc.sampler}, {nfe} NFE, step {int(result.state.step)}"
-  ddpm_training.save_image_grid(samples.images[:sc.grid_size], os.path.join(workdir, "samples.png"),
-                                title)
+  common.save_image_grid(samples.images[:sc.grid_size], os.path.join(workdir, "samples.png"),
+                         title)
   common.save_npz(os.path.join(workdir, "samples.npz"), samples=samples.images)
 
   results = {
