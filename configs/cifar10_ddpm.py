@@ -18,9 +18,10 @@ import ml_collections
 from ddpm_ot_jax import config_base
 
 
-def get_config() -> ml_collections.ConfigDict:
+def network_config() -> ml_collections.ConfigDict:
+  """The DDPM itself (data, model, diffusion, training): the part every experiment that
+  trains this network shares; `get_config` adds train_ddpm's sampling and evaluation."""
   config = config_base.default_config()
-  config.experiment = "train_ddpm"
 
   config.data = ml_collections.ConfigDict(dict(
       name="cifar10",
@@ -55,6 +56,12 @@ def get_config() -> ml_collections.ConfigDict:
       grid_sampler_steps=50,
       init_from_diffusers="",  # diffusers UNet2DModel folder/file to start from
   ))
+  return config
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = network_config()
+  config.experiment = "train_ddpm"
   config.sampling = ml_collections.ConfigDict(dict(
       sampler="ddim",  # 'ddim', 'ddpm', 'dpm_solver' or 'pf_ode'
       num_steps=100,  # network evaluations for ddim / dpm_solver ('ddpm' always takes 1000)

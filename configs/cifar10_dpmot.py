@@ -30,7 +30,7 @@ from configs import digits_dpmot
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = cifar10_ddpm.get_config()
+  config = cifar10_ddpm.network_config()
   config.experiment = "dpmot"
   config.dpmot = digits_dpmot.get_config().dpmot
   config.dpmot.target_split = "test"

@@ -12,9 +12,10 @@ import ml_collections
 from ddpm_ot_jax import config_base
 
 
-def get_config() -> ml_collections.ConfigDict:
+def network_config() -> ml_collections.ConfigDict:
+  """The DDPM itself (data, model, diffusion, training): the part every experiment that
+  trains this network shares; `get_config` adds train_ddpm's sampling and evaluation."""
   config = config_base.default_config()
-  config.experiment = "train_ddpm"
 
   config.data = ml_collections.ConfigDict(dict(
       name="digits",  # 'digits', 'cifar10' or 'image_folder' (ddpm_ot_jax.data.load_dataset)
@@ -51,6 +52,12 @@ def get_config() -> ml_collections.ConfigDict:
       grid_sampler_steps=25,  # DDIM steps for the grids
       init_from_diffusers="",  # diffusers UNet2DModel folder/file to start from
   ))
+  return config
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = network_config()
+  config.experiment = "train_ddpm"
   config.sampling = ml_collections.ConfigDict(dict(
       sampler="ddim",  # 'ddim', 'ddpm', 'dpm_solver' or 'pf_ode' (ddpm_ot_jax.samplers)
       num_steps=50,  # network evaluations for ddim / dpm_solver ('ddpm' always takes all N)

@@ -13,7 +13,7 @@ from configs import digits_ddpm
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = digits_ddpm.get_config()
+  config = digits_ddpm.network_config()
   config.experiment = "dpmot"
   config.dpmot = ml_collections.ConfigDict(dict(
       target_split="train",  # the N targets y_j: 'train' (the model's data) or 'heldout'
@@ -68,5 +68,4 @@ def get_config() -> ml_collections.ConfigDict:
       mmr_lambda=0.11,
       mmr_sweep=(0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4),
   ))
-  config.evaluate.classifier = False  # the train_ddpm evaluation block is unused here
   return config

@@ -32,11 +32,10 @@ def small_digits_training(config: ml_collections.ConfigDict) -> None:
   config.training.log_every = 100
   config.training.checkpoint_every = 500
   config.training.sample_every = 0  # no grids during training
-  config.evaluate.classifier = False  # the train_ddpm evaluation block is unused here
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = digits_ddpm.get_config()
+  config = digits_ddpm.network_config()
   config.experiment = "latent_ot"
   small_digits_training(config)
   # Where the DDPMs are trained ('' = <workdir>/models). Experiments that share it share the

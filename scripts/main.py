@@ -63,6 +63,11 @@ def _config_path(argv: list[str]) -> str:
   return _DEFAULT_CONFIG
 
 
+def _override_keys(argv: list[str]) -> list[str]:
+  """The dotted keys of the --config.KEY=VALUE (or --config.KEY VALUE) overrides in argv."""
+  return [arg[len("--config."):].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing that turns a bad config path, key or value into one message."""
   path = _config_path(argv)
@@ -103,6 +108,18 @@ def main(argv: list[str]) -> None:
     if e.name != f"ddpm_ot_jax.experiments.{config.experiment}":
       raise
     _fail(f"unknown experiment {config.experiment!r} in config {config_name}.")
+
+  from ddpm_ot_jax import config_base  # pylint: disable=g-import-not-at-top
+
+  fields = experiment.CONFIG_FIELDS
+  dead = config_base.unread_fields(config, fields)
+  if dead:
+    _fail(f"config {config_name} has fields the {config.experiment} experiment does not read: "
+          f"{', '.join(dead)}. Remove them (it reads {', '.join(fields)}).")
+  for key in _override_keys(sys.argv[1:]):
+    if not config_base.is_read(key, fields):
+      _fail(f"--config.{key}: the {config.experiment} experiment does not read this field, so "
+            f"the override would be ignored. It reads: {', '.join(config_base.BASE_FIELDS + tuple(fields))}.")
 
   logging.info("Running %s (experiment %s) in %s with config:\n%s", config_name,
                config.experiment, workdir, config)

@@ -1,10 +1,14 @@
 """scripts/main.py end to end: overrides, output files, and one clear message per user error."""
+import glob
+import importlib
 import json
 import os
 import tempfile
+import textwrap
 
 from absl.testing import absltest
 
+from ddpm_ot_jax import config_base
 import experiment_case
 
 _main = experiment_case.run_main
@@ -67,6 +71,51 @@ class MainTest(absltest.TestCase):
       self.assertNotIn("Traceback", proc.stderr)
       self.assertFalse(os.path.exists(os.path.join(workdir, "results.json")))
       self.assertFalse(os.path.exists(os.path.join(workdir, "config.json")))
+
+
+class ConfigFieldsTest(absltest.TestCase):
+  """Every config field is read by its experiment, and main.py refuses one that is not."""
+
+  def test_every_config_carries_only_fields_its_experiment_reads(self):
+    """configs/*.py: no top-level field outside the experiment's CONFIG_FIELDS (and the
+    shared experiment/seed/x64); a dead field would make its override a silent no-op."""
+    paths = sorted(glob.glob(os.path.join(experiment_case.ROOT, "configs", "*.py")))
+    checked = 0
+    for path in paths:
+      module = importlib.import_module(f"configs.{os.path.basename(path)[:-3]}")
+      if not hasattr(module, "get_config"):
+        continue
+      config = module.get_config()
+      experiment = importlib.import_module(f"ddpm_ot_jax.experiments.{config.experiment}")
+      self.assertEqual(config_base.unread_fields(config, experiment.CONFIG_FIELDS), [], path)
+      checked += 1
+    self.assertGreaterEqual(checked, 14)
+
+  def test_override_or_field_the_experiment_does_not_read_is_refused(self):
+    """--config.sampling.num_steps=10 with the DPM-OT config (which has no sampling block)
+    stops with exit code 2 and no traceback; a config file that adds a block the experiment
+    never reads stops naming that block, before any work (no workdir content)."""
+    proc = _main("--config=configs/digits_dpmot.py", "--config.sampling.num_steps=10")
+    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+    self.assertNotIn("Traceback", proc.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+      path = os.path.join(tmp, "dead_field.py")
+      with open(path, "w") as f:
+        f.write(textwrap.dedent("""
+            import ml_collections
+            from configs import digits_dpmot
+
+            def get_config():
+              config = digits_dpmot.get_config()
+              config.sampling = ml_collections.ConfigDict(dict(num_steps=10))
+              return config
+            """))
+      workdir = os.path.join(tmp, "run")
+      proc = _main(f"--config={path}", f"--workdir={workdir}")
+      self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+      self.assertIn("does not read: sampling", proc.stderr)
+      self.assertNotIn("Traceback", proc.stderr)
+      self.assertEqual(os.listdir(workdir), [])
 
 
 if __name__ == "__main__":

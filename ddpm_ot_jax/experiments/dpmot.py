@@ -65,6 +65,9 @@ from ddpm_ot_jax import trainer
 from ddpm_ot_jax.experiments import common
 from ddpm_ot_jax.experiments import stages
 
+# The config fields this experiment reads (scripts/main.py rejects any other field or override).
+CONFIG_FIELDS = ("data", "model", "diffusion", "training", "dpmot", "evaluation")
+
 # Streams derived from config.seed (trainer uses 0–2).
 LATENT_STREAM, OT_STREAM, METHOD_STREAM, CLASSIFIER_STREAM = 10, 11, 12, 13
 # DPM-Solver settings of every DPM-Solver row, the baseline and DPM-OT's alike.

@@ -35,6 +35,10 @@ from ddpm_ot_jax import plotting
 from ddpm_ot_jax import sde
 from ddpm_ot_jax.experiments import common
 
+# The config fields this experiment reads (scripts/main.py rejects any other field or override).
+CONFIG_FIELDS = ("dims", "eig_min", "eig_max", "num_samples", "num_jacobian_points", "schedule",
+    "t_end", "solver", "figure")
+
 
 def schedule_and_end(config: ml_collections.ConfigDict) -> tuple[sde.Schedule, float]:
   """(schedule, t_end in its own clock) reaching OU time config.t_end (module docstring)."""

@@ -41,6 +41,10 @@ from ddpm_ot_jax import plotting
 from ddpm_ot_jax.experiments import common
 from ddpm_ot_jax.experiments import gaussian_ot
 
+# The config fields this experiment reads (scripts/main.py rejects any other field or override).
+CONFIG_FIELDS = ("dims", "eig_min", "eig_max", "max_components", "mean_scale", "num_mixtures",
+    "sample_sizes", "num_jacobian_points", "schedule", "t_end", "solver")
+
 
 def _validate(config: ml_collections.ConfigDict) -> None:
   if config.num_mixtures < 1:

@@ -73,6 +73,9 @@ from ddpm_ot_jax import trainer
 from ddpm_ot_jax.experiments import common
 from ddpm_ot_jax.experiments import stages
 
+# The config fields this experiment reads (scripts/main.py rejects any other field or override).
+CONFIG_FIELDS = ("data", "model", "diffusion", "training", "models", "models_dir", "latent_ot")
+
 # Streams derived from config.seed (trainer uses 0–2, train_ddpm 3, dpmot 10–13).
 SUBSET_STREAM, SHUFFLE_STREAM, RESTORE_STREAM = 20, 21, 22
 

@@ -42,6 +42,11 @@ from ddpm_ot_jax import plotting
 from ddpm_ot_jax.experiments import common
 from ddpm_ot_jax.experiments import synthetic_2d
 
+# The config fields this experiment reads (scripts/main.py rejects any other field or override).
+CONFIG_FIELDS = ("atol", "convergence_check", "epsilons", "grid_size", "num_jacobian_samples",
+    "num_samples", "num_time_steps", "ot_method", "rtol", "solver", "sweep_num_samples", "t_max",
+    "table_size")
+
 
 def _validate(config: ml_collections.ConfigDict, bound: float) -> None:
   for name in ("grid_size", "num_time_steps", "num_samples", "table_size"):

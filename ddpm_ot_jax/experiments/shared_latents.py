@@ -58,6 +58,10 @@ from ddpm_ot_jax import samplers
 from ddpm_ot_jax.experiments import common
 from ddpm_ot_jax.experiments import latent_ot
 
+# The config fields this experiment reads (scripts/main.py rejects any other field or override).
+CONFIG_FIELDS = ("data", "model", "diffusion", "training", "models", "models_dir",
+    "shared_latents", "control")
+
 # Streams derived from config.seed (trainer 0–2, train_ddpm 3, dpmot 10–13, latent_ot 20–22).
 LATENT_STREAM, VAE_STREAM = 30, 31
 DECODERS = ("ddim", "pf_ode")

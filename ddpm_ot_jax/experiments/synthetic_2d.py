@@ -47,6 +47,12 @@ from ddpm_ot_jax import ot
 from ddpm_ot_jax import plotting
 from ddpm_ot_jax.experiments import common
 
+# The config fields this experiment reads (scripts/main.py rejects any other field or override).
+CONFIG_FIELDS = ("atol", "convergence_check_worst", "grid_size", "max_components",
+    "num_densities", "num_figure_densities", "num_jacobian_samples", "num_samples",
+    "num_time_steps", "num_trajectory_points", "ot_method", "rtol", "solver",
+    "sweep_num_densities", "sweep_num_samples", "t_max", "table_size", "target_std")
+
 STAGES = ("density", "sample", "fokker_planck", "encode", "jacobian", "ot")
 NUM_SAVED_TIMES = 65
 FIGURE_RESOLUTION = 512  # grid of the density images in Figs. 2 and 4

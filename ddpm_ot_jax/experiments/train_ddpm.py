@@ -46,6 +46,9 @@ from ddpm_ot_jax import trainer
 from ddpm_ot_jax.experiments import common
 from ddpm_ot_jax.models import unet
 
+# The config fields this experiment reads (scripts/main.py rejects any other field or override).
+CONFIG_FIELDS = ("data", "model", "diffusion", "training", "sampling", "evaluate")
+
 # Streams derived from config.seed (trainer uses 0–2): final samples, the classifier.
 SAMPLE_STREAM, CLASSIFIER_STREAM = 3, 100
 
