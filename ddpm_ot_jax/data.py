@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import os
 import pickle
+import re
 import shutil
 import tarfile
 import tempfile
@@ -316,6 +317,42 @@ def load_image_folder(root: str, resolution: int, channels: int = 3,
 # ----------------------------------------------------------------------------------------
 
 DATASETS = ("digits", "cifar10", "image_folder")
+SLICE_SEED = 0  # the fixed order that split slices 'name[a:b]' index into
+_SLICE = re.compile(r"^([A-Za-z_]\w*)\[(-?\d*):(-?\d*)\]$")
+
+
+def parse_split(split: str) -> tuple[str, slice | None]:
+  """'train' → ('train', None); 'train[897:1197]' → ('train', slice(897, 1197)).
+
+  A slice selects rows of the split in a fixed, class-interleaved random order
+  (`slice_order`), so disjoint slices are disjoint, near-stratified random subsets: the way
+  one split serves several roles (DPM-OT targets, classifier, data floor) without overlap.
+  """
+  match = _SLICE.match(split.replace(" ", ""))
+  if match is None:
+    if "[" in split:
+      raise ValueError(f"Bad split {split!r}: a slice looks like 'train[100:400]'.")
+    return split, None
+  start, stop = (int(v) if v else None for v in match.group(2, 3))
+  return match.group(1), slice(start, stop)
+
+
+def slice_order(labels: np.ndarray) -> np.ndarray:
+  """A fixed permutation of the rows (seed SLICE_SEED) in which the classes are interleaved:
+  rows sorted by their rank within their class in a random order, so every contiguous range
+  holds each class in proportion (up to one image per class)."""
+  perm = np.random.default_rng(SLICE_SEED).permutation(len(labels))
+  rank = np.empty(len(labels), np.int64)
+  for c in np.unique(labels):
+    members = perm[labels[perm] == c]
+    rank[members] = np.arange(len(members)) * len(labels) // max(len(members), 1)
+  return perm[np.argsort(rank[perm], kind="stable")]
+
+
+def take(dataset: ImageDataset, index: np.ndarray) -> ImageDataset:
+  """The rows `index` of `dataset`."""
+  return ImageDataset(dataset.images[index], dataset.labels[index], dataset.num_classes,
+                      dataset.class_names)
 
 
 def load_dataset(name: str, split: str, root: str | None = None,
@@ -328,14 +365,25 @@ def load_dataset(name: str, split: str, root: str | None = None,
   image_folder: root required, resolution required; the split's images are in
   root/<split> if that folder exists (AFHQ's train/ and val/), else (for 'train' or 'all')
   in root itself.
+  Any split may be sliced, 'train[a:b]' (`parse_split`); a slice past the split's end is a
+  ValueError naming its size.
   """
   root = os.path.expanduser(root) if root else root
-  location = _locate(name, split, root, resolution)
+  base, part = parse_split(split)
+  location = _locate(name, base, root, resolution)
   if name == "digits":
-    return load_digits(split)
-  if name == "cifar10":
-    return load_cifar10(root, split)
-  return load_image_folder(location, resolution, labels_from_subfolders=labels_from_subfolders)
+    dataset = load_digits(base)
+  elif name == "cifar10":
+    dataset = load_cifar10(root, base)
+  else:
+    dataset = load_image_folder(location, resolution, labels_from_subfolders=labels_from_subfolders)
+  if part is None:
+    return dataset
+  index = slice_order(dataset.labels)[part]
+  if part.stop is not None and abs(part.stop) > len(dataset) or len(index) == 0:
+    raise ValueError(f"Split {split!r} asks for rows past the end (or none) of the "
+                     f"{len(dataset)} images of {name} split {base!r}.")
+  return take(dataset, np.sort(index))
 
 
 def check_dataset(name: str, split: str, root: str | None = None,
@@ -344,6 +392,7 @@ def check_dataset(name: str, split: str, root: str | None = None,
   resolution)` would raise for a bad name, split or resolution or for missing files, without
   reading the images (a cheap up-front check before hours of work)."""
   root = os.path.expanduser(root) if root else root
+  split, _ = parse_split(split)
   location = _locate(name, split, root, resolution)
   if name == "digits":
     if split not in ("train", "heldout", "test", "all"):

@@ -302,3 +302,33 @@ class BatchIteratorTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class SplitSliceTest(absltest.TestCase):
+
+  def test_slices_are_disjoint_near_stratified_and_cover_the_split(self):
+    """'train[:897]', 'train[897:1197]' and 'train[1197:]' (the DPM-OT roles: targets,
+    classifier, floor) share no image, together are the whole train split, hold every class
+    within one image of its share, and are the same on every call (a fixed order)."""
+    full = data.load_dataset("digits", "train")
+    parts = [data.load_dataset("digits", s) for s in
+             ("train[:897]", "train[897:1197]", "train[1197:]")]
+    self.assertEqual([len(p) for p in parts], [897, 300, 300])
+    rows = [{img.tobytes() for img in p.images} for p in parts]
+    self.assertEqual(sum(len(r) for r in rows), len({img.tobytes() for img in full.images}))
+    self.assertFalse(rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])
+    shares = np.bincount(full.labels, minlength=10) / len(full)
+    for part in parts:
+      counts = np.bincount(part.labels, minlength=10)
+      np.testing.assert_array_less(np.abs(counts - shares * len(part)), 1.0 + 1e-9)
+    again = data.load_dataset("digits", "train[897:1197]")
+    np.testing.assert_array_equal(again.images, parts[1].images)
+
+  def test_bad_slices_are_clear_errors(self):
+    """A slice past the split's end, an empty slice or a malformed one: ValueError."""
+    with self.assertRaisesRegex(ValueError, "1497 images"):
+      data.load_dataset("digits", "train[:5000]")
+    with self.assertRaisesRegex(ValueError, "slice looks like"):
+      data.load_dataset("digits", "train[1:2:3]")
+    with self.assertRaisesRegex(ValueError, "past the end"):
+      data.load_dataset("digits", "train[10:10]")
