@@ -3,7 +3,9 @@
 python scripts/main.py --config=configs/celeba_dpmot.py --config.data.root=/path/to/celeba64
 
 The folder holds the aligned face images (PNG/JPEG; a train/ and test/ split if present,
-otherwise --config.dpmot.target_split=train with the novelty images taken from test/).
+otherwise set the splits to slices of train, e.g. --config.dpmot.target_split='train[:5000]'
+--config.evaluation.reference_split='train[5000:10000]' --config.evaluation.floor_split=
+'train[10000:15000]').
 Images are resized and center-cropped to 64×64. The reference code restarts M = 20 levels
 from the end on CelebA: switch step 19, 20 reverse steps.
 """
@@ -21,5 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.attn_resolutions = (16,)
   config.training.num_steps = 500_000
   config.dpmot.switch_index = 19
-  config.evaluation.methods = ("ddpm", "ddim_20", "ddim_50", "dpm_solver_20", "dpmot_20", "pf_ode")
+  config.dpmot.target_split = "test[:5000]"
+  config.evaluation.reference_split = "test[5000:]"
+  config.evaluation.methods = ("ddim_20", "dpm_solver_pp_3m_20", "unipc_20", "dpm_ot_20")
   return config

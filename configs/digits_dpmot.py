@@ -1,11 +1,14 @@
 """DPM-OT on scikit-learn's digits, end to end on CPU: the offline default of scripts/main.py.
 
 python scripts/main.py                       # this config, workdir runs/digits_dpmot
-python scripts/main.py --config=configs/digits_dpmot.py --config.dpmot.switch_sweep='()'
 
-Trains the digits DDPM (configs/digits_ddpm.py), diffuses the target set to the switch step
-M, solves the semi-discrete OT from N(0, I_64) to those latents, samples every method of
-`evaluation.methods` and writes the comparison table (comparison.md, results.json).
+Trains the digits DDPM (configs/digits_ddpm.py's network), diffuses the targets to the switch
+step M, solves the semi-discrete OT from N(0, I_64) to those latents, and compares DPM-OT
+with DDIM, DPM-Solver++(3M) and UniPC at 10 network evaluations, beside the copy-machine
+and data-floor controls: 5 draws of 300 samples per row (mean ± std). The time spacing of
+each baseline is fixed here to the one configs/digits_dpmot_full.py chose on its validation
+draws; that config is the statistically solid version (1000 samples per draw, NFE 5–50, the
+spacing tuned, DDPM-1000 and the PF-ODE).
 """
 import ml_collections
 
@@ -16,56 +19,55 @@ def get_config() -> ml_collections.ConfigDict:
   config = digits_ddpm.network_config()
   config.experiment = "dpmot"
   config.dpmot = ml_collections.ConfigDict(dict(
-      target_split="train",  # the N targets y_j: 'train' (the model's data) or 'heldout'
-      max_targets=0,  # 0: all of the split
-      # Switch step M: x_M = √ᾱ_M y + √(1 − ᾱ_M) ε. The reference code's σ ≈ 0.014 on [0, 1]
-      # pixels (0.028 on [−1, 1]) sits at index ≈ 4 here; index 9 (√((1 − ᾱ)/ᾱ) = 0.044) is the
-      # lowest that leaves room for 10 reverse steps, so NFE = 10 as in the paper.
+      target_split="train[:897]",  # the N targets y_j (a slice of the DDPM's training split)
+      # Switch step M: x_M = √ᾱ_M y + √(1 − ᾱ_M) ε. Index 9 (√((1 − ᾱ)/ᾱ) = 0.044) is the lowest
+      # that leaves 10 reverse steps; the reference code's σ ≈ 0.014 on [0, 1] pixels would
+      # be index ≈ 4.
       switch_index=9,
       sampler="ddim",  # reverse steps from x_M: 'ddim', 'ddpm' or 'dpm_solver'
-      eta=1.0,  # DDIM's η (1: ancestral-like noise, as the reference's Langevin steps)
+      eta=1.0,  # DDIM's η for those steps (1: stochastic, like the reference's Langevin steps)
       source="gaussian",  # 'gaussian' N(0, I) or 'uniform' U[0,1]^d (the reference code's)
       ot=ml_collections.ConfigDict(dict(
-          # Adam with cosine decay over num_iterations (DESIGN.md: spreads mass evenly), stopped
-          # at the first χ² check below chi2_threshold.
-          num_iterations=4000,
-          batch_size=1024,
-          # Adam moves each g_j by ≲ lr per step, so lr · num_iterations / 2 caps how far g
-          # travels; the optimal g's range grows with M (digits: ≈ 23 at M = 9, 62 at M = 399).
-          # Measured with 50k-point checks: 0.03 converges within 4000 iterations at M = 9, 49,
-          # 99 and 399; 0.01 stalls at χ² 3.6e-3 (M = 99) and 3.6e-2 (M = 399).
+          num_iterations=4000,  # cap (and cosine-decay horizon) of the potential's Adam
+          batch_size=1024,  # source samples per iteration
+          # Adam's step size on g. Adam moves each g_j by ≲ lr per step, so lr · iterations
+          # must exceed the range of the optimal g (≈ 23 at M = 9 and ≈ 62 at M = 399 here).
           learning_rate=0.03,
-          error_eval_every=1000,
-          chi2_threshold=2.5e-3,  # stop once the χ² of cell masses vs 1/N is below this
-          # Source points per χ² check (0: the solver's default max(batch_size, 8N)). The
-          # estimate's noise is ≈ √(2N) / (2 · error_batch_size) (4 repeats): 5.5e-4 here for
-          # N = 1497, a fifth of the threshold (the default 8N gives 2.3e-3, so 'converged' would
-          # be a coin flip). ott-jax builds an error_batch_size × N cost matrix per check
-          # (float32: 4·B·N bytes, 300 MB here; N = 10⁴ configs set their own).
+          error_eval_every=1000,  # iterations between χ² checks (stop when below threshold)
+          chi2_threshold=2.5e-3,  # χ² of the cell masses vs 1/N that counts as converged
+          # Source points per χ² check (0: max(batch_size, 8N)). The estimate's noise is
+          # ≈ √(2N) / (2 · error_batch_size); the check builds an error_batch_size × N matrix.
           error_batch_size=50_000,
-          check_samples=200_000,  # fresh noise for the reported marginal error
+          check_samples=200_000,  # fresh source points for the reported marginal error
           block_size=2048,  # targets per block of the argmax
       )),
-      # M values of the FID-vs-memorization sweep (() = off); at M = switch_index the main
-      # potential is reused. Four points keep the default run within 10 minutes on 2 cores.
-      switch_sweep=(9, 49, 99, 399),
-      sweep_num_steps=10,
-      sweep_ot_iterations=4000,
   ))
   config.evaluation = ml_collections.ConfigDict(dict(
-      methods=("ddpm", "ddim_10", "ddim_50", "dpm_solver_10", "dpmot_10", "pf_ode"),
-      num_samples=300,  # per method (= the held-out split's size, so the floor is comparable)
-      batch_size=300,
-      floor_split="heldout",  # real images outside the training set: the data floor row
-      novelty_split="heldout",  # real images outside the targets: the memorization reference
-      max_novelty_images=0,  # 0: all of novelty_split
+      # Rows ('ddpm', 'pf_ode', '<family>_<k>', 'dpm_ot_<k>', 'dpm_ot_<k>_m<M>'; see
+      # experiments/dpmot.py); the copy machine and the data floor are always added.
+      methods=("ddim_10", "dpm_solver_pp_3m_10", "unipc_10", "dpm_ot_10", "dpm_ot_10_m99"),
+      # Time spacing per few-step method ('logSNR', 'time_uniform', 'time_quadratic'); a method
+      # not listed is tuned on validation draws against tuning_split.
+      spacings=ml_collections.ConfigDict(dict(
+          ddim_10="time_uniform", dpm_solver_pp_3m_10="logSNR", unipc_10="logSNR")),
+      num_samples=300,  # images per draw of every row
+      num_draws=5,  # independent draws per row (rows are mean ± std over them)
+      batch_size=300,  # images per sampler call
+      reference_split="heldout",  # FID/KID reference: seen by no model, classifier or target
+      floor_split="train[1197:]",  # real non-target images: the data floor, novelty reference
+      classifier_split="train[897:1197]",  # trains the digits classifier (features, MMR)
+      tuning_split="",  # reference of the spacing choice ('': the targets)
+      tuning_num_samples=300,  # images per validation draw of the spacing choice
+      max_novelty_images=0,  # 0: all of floor_split as the memorization reference
       features="classifier",  # 'classifier' (digits) or 'inception' (RGB sets)
       inception_weights="",  # pytorch-fid weights file (features='inception')
-      inception_width=1.0,  # channel scale of the Inception net (1.0: pytorch-fid's; tests: 1/16)
+      inception_width=1.0,  # channel scale of the Inception net (1.0: pytorch-fid's)
       inception_resize=299,  # its input size (299: pytorch-fid's)
-      classifier_steps=600,  # training steps of the digits classifier (features='classifier')
-      pr_k=3,
-      mmr_lambda=0.11,
-      mmr_sweep=(0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4),
+      classifier_steps=600,  # training steps of the digits classifier
+      pr_k=3,  # k of the k-NN manifolds of precision / recall
+      mmr_lambda=0.11,  # a sample is mixed when ≥ 2 classes have softmax ≥ λ (DPM-OT's)
+      mmr_sweep=(0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4),  # λ values of the MMR sweep keys
+      solver_error_samples=0,  # x_T for the RMS-to-ODE diagnostic (0: off)
+      solver_error_rtol=1e-5,  # tolerance of its adaptive PF-ODE reference
   ))
   return config

@@ -4,7 +4,8 @@ python scripts/main.py --config=configs/ffhq_dpmot.py --config.data.root=/path/t
 
 A 256×256 UNet (ch 128, ch_mult (1, 1, 2, 2, 4, 4), attention at 16×16), switch step 19 with
 20 reverse steps (the reference's M = 20 for FFHQ). Large folders: keep
---config.dpmot.max_targets and evaluation.num_samples within the accelerator's memory.
+--config.dpmot.target_split (a slice, e.g. "test[:5000]") and evaluation.num_samples within
+the accelerator's memory.
 """
 import ml_collections
 

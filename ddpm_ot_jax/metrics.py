@@ -122,10 +122,11 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
   return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
 
 
-def compare(a: Sequence[float], b: Sequence[float], lower_is_better: bool = True) -> int:
-  """+1 when A beats B, −1 when B beats A, 0 when they are tied: A beats B only when the
-  intervals mean ± std of the two sets of draws do not overlap (and A's is on the better side)."""
-  (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+def compare(a: tuple[float, float], b: tuple[float, float], lower_is_better: bool = True) -> int:
+  """+1 when A beats B, −1 when B beats A, 0 when they are tied, for two (mean, std)
+  summaries: A beats B only when the intervals mean ± std do not overlap (and A's lies on the
+  better side). A nan std counts as 0."""
+  (ma, sa), (mb, sb) = a, b
   sa, sb = (0.0 if np.isnan(s) else s for s in (sa, sb))
   if ma + sa < mb - sb:
     return 1 if lower_is_better else -1

@@ -271,3 +271,69 @@ def image_grid_figure(images: np.ndarray, title: str = "", columns: int | None =
   if title:
     ax.set_title(title, fontsize=9)
   return fig
+
+
+def fid_vs_nfe_figure(curves: Mapping[str, Sequence[tuple[int, float, float, float]]],
+                      dpm_ot: Sequence[tuple[int, int, float, float, float, float]],
+                      controls: Mapping[str, tuple[float, float]], feature_name: str) -> Figure:
+  """Left: FID (mean ± std over draws) against NFE, one line per sampler family (`curves`:
+  label → [(nfe, fid, fid_std, nn_ratio)]), DPM-OT as points labelled by switch step M
+  (`dpm_ot`: [(M, nfe, fid, fid_std, nn_ratio, copy_fraction)]) and the controls as bands
+  (label → (fid, std)). Right: memorization, the NN-distance ratio of the same rows (1: as
+  novel as held-out data; → 0: copies of the targets)."""
+  fig = Figure(figsize=(11, 4.2))
+  ax_fid, ax_mem = fig.subplots(1, 2)
+  for label, points in curves.items():
+    points = sorted(points)
+    nfe, fid, std, ratio = (np.array(v) for v in zip(*points))
+    ax_fid.errorbar(nfe, fid, yerr=std, marker="o", ms=4, capsize=2, label=label)
+    ax_mem.plot(nfe, ratio, marker="o", ms=4, label=label)
+  for m, nfe, fid, std, ratio, copies in dpm_ot:
+    ax_fid.errorbar([nfe], [fid], yerr=[std], marker="*", ms=11, color="k", capsize=2)
+    ax_fid.annotate(f"DPM-OT M={m}", (nfe, fid), textcoords="offset points", xytext=(5, 3),
+                    fontsize=7)
+    ax_mem.plot([nfe], [ratio], marker="*", ms=11, color="k")
+    ax_mem.annotate(f"M={m} ({copies:.0%} copies)", (nfe, ratio), textcoords="offset points",
+                    xytext=(5, 3), fontsize=7)
+  for (label, (value, std)), color in zip(controls.items(), ("tab:red", "tab:gray")):
+    ax_fid.axhspan(value - (std if np.isfinite(std) else 0), value + (std if np.isfinite(std) else 0),
+                   color=color, alpha=0.2)
+    ax_fid.axhline(value, color=color, ls="--", lw=0.8, label=label)
+  ax_mem.axhline(1.0, color="tab:gray", ls="--", lw=0.8, label="held-out data (1)")
+  for ax in (ax_fid, ax_mem):
+    ax.set_xscale("log")
+    ax.set_xlabel("network evaluations (NFE)")
+  ax_fid.set_ylabel(f"FID ({feature_name} features), mean ± std")
+  ax_fid.set_yscale("log")
+  ax_mem.set_ylabel("median nearest-target distance / held-out's")
+  ax_fid.legend(fontsize=7)
+  ax_mem.legend(fontsize=7)
+  ax_fid.set_title("sample quality")
+  ax_mem.set_title("memorization (→ 0: copies)")
+  fig.tight_layout()
+  return fig
+
+
+def fid_vs_memorization_figure(dpm_ot: Sequence[tuple[int, int, float, float, float, float]],
+                               controls: Mapping[str, tuple[float, float]],
+                               feature_name: str) -> Figure:
+  """DPM-OT at each switch step M (`dpm_ot`: [(M, nfe, fid, fid_std, nn_ratio, copies)]):
+  FID (mean ± std) against the NN-distance ratio, with the controls as bands."""
+  fig = Figure(figsize=(5.5, 4))
+  ax = fig.subplots()
+  points = sorted(dpm_ot)
+  ratio = [p[4] for p in points]
+  fid = [p[2] for p in points]
+  ax.errorbar(ratio, fid, yerr=[p[3] for p in points], marker="o", capsize=2)
+  for m, nfe, f, _, r, _ in points:
+    ax.annotate(f"M={m}", (r, f), textcoords="offset points", xytext=(4, 4), fontsize=8)
+  ax.axvline(1.0, color="k", ls=":", lw=0.8)
+  for (label, (value, std)), color in zip(controls.items(), ("tab:red", "tab:gray")):
+    ax.axhspan(value - (std if np.isfinite(std) else 0), value + (std if np.isfinite(std) else 0),
+               color=color, alpha=0.2)
+    ax.axhline(value, color=color, ls="--", lw=0.8, label=label)
+  ax.legend(loc="upper left", fontsize=8)
+  ax.set_xlabel("median nearest-target distance / held-out's (→ 0: copies)")
+  ax.set_ylabel(f"FID ({feature_name} features)")
+  ax.set_title(f"DPM-OT at {points[0][1]} NFE: switch step M" if points else "DPM-OT")
+  return fig

@@ -112,10 +112,12 @@ class SpreadTest(absltest.TestCase):
     """mean ± sample std (ddof 1); A beats B only when the mean ± std intervals separate,
     in either orientation of 'better'; overlapping intervals are a tie."""
     self.assertEqual(metrics.mean_std([1.0, 3.0]), (2.0, float(np.sqrt(2.0))))
-    self.assertEqual(metrics.compare([1.0, 1.2], [2.0, 2.2]), 1)
-    self.assertEqual(metrics.compare([2.0, 2.2], [1.0, 1.2]), -1)
-    self.assertEqual(metrics.compare([1.0, 1.2], [2.0, 2.2], lower_is_better=False), -1)
-    self.assertEqual(metrics.compare([1.0, 2.0], [1.5, 2.5]), 0)
+    a, b = metrics.mean_std([1.0, 1.2]), metrics.mean_std([2.0, 2.2])
+    self.assertEqual(metrics.compare(a, b), 1)
+    self.assertEqual(metrics.compare(b, a), -1)
+    self.assertEqual(metrics.compare(a, b, lower_is_better=False), -1)
+    self.assertEqual(metrics.compare(metrics.mean_std([1.0, 2.0]), metrics.mean_std([1.5, 2.5])), 0)
+    self.assertEqual(metrics.compare((1.0, float("nan")), (1.1, 0.05)), 1)  # nan std = 0
 
 
 class PrecisionRecallTest(absltest.TestCase):

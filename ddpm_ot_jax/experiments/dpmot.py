@@ -1,45 +1,62 @@
-"""DPM-OT (Li et al., ICCV 2023) end to end, beside the strong baselines at equal NFE.
+"""DPM-OT (Li et al., ICCV 2023) beside tuned baselines, with intervals and honest controls.
 
-Stages, each cached in the workdir and recomputed only when its inputs change
-(`stages.fingerprint`):
+Roles of the data (each a split or a slice of one, `data.parse_split`; digits defaults):
 
-0. inputs   every user-supplied input is read once, before any work: the dataset splits
-            (train, floor, novelty reference, targets; a split serving two roles is read
-            once), the Inception weights (evaluation.features='inception') and the diffusers
-            weights (training.init_from_diffusers). All that are missing are named in ONE
-            FileNotFoundError, with where each was looked for.
-1. model    train the DDPM (trainer.train_ddpm; resumable) → <workdir>/model-<fp>/;
-            with training.init_from_diffusers the imported network is used as it is (no
-            training step; fingerprint = the weights' path, size and mtime + config.diffusion)
-2. latents  the target set diffused to step M (the switch time t_M):
-            x_M = √ᾱ_M y + √(1 − ᾱ_M) ε, ε seeded               → latents-<fp>.npz
-3. ot       the semi-discrete OT potential g between the source (N(0, I) or U[0,1]^d) and the
-            N latents, with ott-jax (semidiscrete.solve_potential) → ot-<fp>/ (orbax)
-4. samples  per method: DDPM (all steps), DDIM-k, DPM-Solver-k, PF-ODE (adaptive) from
-            x_T ~ N(0, I), and DPM-OT: z ~ source → x_M = latents[j(z)],
-            j(z) = argmax_j g_j − ‖z − x_M^j‖² (targets split across devices when there are
-            several) → M reverse steps (NFE counted by the sampler)
-                                                        → samples-<method>-<fp>.npz
-5. eval     FID (classifier features for digits, Inception pool3 for RGB sets) against the
-            training set, precision/recall (k-NN, k = 3), MMR (digits), memorization
-            (pixel-space nearest target) and the data floor (held-out real images).
+  training     'train' (1497)       the DDPM's training set
+  targets      dpmot.target_split   the N images DPM-OT diffuses to x_M and maps noise onto
+               ('train[:897]')      (the 'copy machine' draws from them)
+  classifier   evaluation.classifier_split ('train[897:1197]')  the digits classifier that
+               gives features (FID/KID/precision/recall) and class probabilities (MMR); never
+               a target, never the reference
+  reference    evaluation.reference_split ('heldout', 300)  the FID/KID/precision/recall
+               reference: seen by no model, no classifier, no OT target
+  floor        evaluation.floor_split ('train[1197:]')  real images that are not targets:
+               the data-floor row, and the memorization reference ("as novel as fresh data")
+  tuning       evaluation.tuning_split (= the targets)  the reference of the spacing choice;
+               never the reported reference
 
-DPM-OT's latents at the reference's switch time are nearly clean target images, so every
-DPM-OT number sits beside its memorization columns; the optional sweep over t_M
-(`dpmot.switch_sweep`) plots FID against memorization.
+Stages, each cached in the workdir under a fingerprint of its inputs (`stages`):
 
-Outputs: results.json (flat keys `<metric>_<method>`, OT diagnostics `ot_*`), comparison.md
-(the table), samples_<method>.png (one grid per method), sweep figure fid_vs_memorization.png.
-Sample files carry their fingerprint in the name (and inside), so a changed input writes a
-new file beside the old one.
+0. inputs   every split, the Inception weights (features='inception') and the diffusers
+            weights (training.init_from_diffusers) are read before any work; all that are
+            missing are named in ONE FileNotFoundError.
+1. model    `trainer.train_ddpm` (resumable) → model-<fp>/, or the imported network as it is.
+2. latents  per switch step M: x_M = √ᾱ_M y + √(1 − ᾱ_M) ε for every target y (Ho et al.
+            2020, Eq. 4; ᾱ of the samplers' view)                  → latents-<fp>.npz
+3. ot       per M: the semi-discrete potential g between the source and the N latents
+            (`semidiscrete.solve_potential`, ott-jax)                 → ot-<fp>/ (orbax)
+4. spacing  for every few-step sampler whose time spacing is not fixed in
+            evaluation.spacings: one validation draw per spacing in `SPACINGS`, FID against
+            the tuning split; the lowest wins (reported as spacing_<method>).
+5. samples  per method and draw d < evaluation.num_draws: `evaluation.num_samples` images
+            (`samplers.sample_images`, or `samplers.dpm_ot` for DPM-OT)
+                                                          → samples-<method>-<d>-<fp>.npz
+6. eval     per draw: FID and KID against the reference, precision/recall, MMR and
+            recognized fraction (classifier features), copies and NN-distance ratio against the
+            targets (memorization); every row as mean ± std over the draws. Two controls in
+            every table: 'copy machine' (num_samples targets drawn with replacement — what
+            equal-mass OT cells with no denoising would give — through the same metrics) and
+            'data floor' (all floor images; its ± from bootstrap resamples). `metrics.compare`
+            calls A better than B only when the mean ± std intervals separate
+            (verdicts.md, verdict_* keys); otherwise they are tied.
+7. solver   optional (evaluation.solver_error_samples > 0): from the same x_T, the RMS
+            distance of every deterministic sampler's output to an adaptive PF-ODE solution
+            at rtol = atol = evaluation.solver_error_rtol: whether a sampler solves the ODE
+            better, apart from whether its images score better.
 
-Results keys (all numbers): params, train_steps, imported_weights (1: diffusers weights used
-as they are), train_seconds, num_samples, num_targets, switch_index, switch_alpha_bar,
-switch_noise_to_signal, classifier_accuracy (classifier features only), ot_iterations,
-ot_converged (0/1), ot_empty_cells (ints), ot_seconds, ot_chi2_error, ot_max_relative_error,
-per method <metric>_<method> for nfe, fid, precision, recall, [mmr, recognized_fraction],
-copy_fraction, nn_distance_ratio, seconds; <metric>_data_floor; mmr_lambdas and
-mmr_sweep_<method> (classifier features); sweep_* lists with dpmot.switch_sweep; seconds.
+Methods (evaluation.methods; one spelling for config, results keys and files; the table
+label in brackets): 'ddpm' [DDPM-N], 'pf_ode' [PF-ODE], '<family>_<k>' for the few-step
+families of `FAMILIES` with k network calls ('ddim_10' [DDIM-10], 'dpm_solver_10'
+[DPM-Solver(3M)-10], 'dpm_solver_pp_2m_10', 'dpm_solver_pp_3m_10', 'unipc_10'), and DPM-OT
+'dpm_ot_<k>' (k reverse steps from M = dpmot.switch_index) or 'dpm_ot_<k>_m<M>'.
+
+Results keys (numbers or lists of numbers): params, train_steps, imported_weights,
+train_seconds, num_samples, num_draws, num_targets, classifier_accuracy (classifier
+features), per switch step M: ot_<diag>_m<M>, switch_alpha_bar_m<M>,
+switch_noise_to_signal_m<M>; per row r (methods, copy_machine, data_floor) and metric:
+<metric>_<r> (mean), <metric>_<r>_std, <metric>_<r>_draws; nfe_<r>; spacing_<method> (index
+into SPACINGS) and tuning_fid_<method>_<spacing>; verdict_<metric>_<a>_vs_<b> (+1 a better,
+−1 worse, 0 tied); solver_error_<method>; seconds.
 """
 from __future__ import annotations
 
@@ -58,7 +75,9 @@ import numpy as np
 
 from ddpm_ot_jax import checkpoints
 from ddpm_ot_jax import data
+from ddpm_ot_jax import flow
 from ddpm_ot_jax import metrics
+from ddpm_ot_jax import plotting
 from ddpm_ot_jax import samplers
 from ddpm_ot_jax import semidiscrete
 from ddpm_ot_jax import trainer
@@ -69,69 +88,101 @@ from ddpm_ot_jax.experiments import stages
 CONFIG_FIELDS = ("data", "model", "diffusion", "training", "dpmot", "evaluation")
 
 # Streams derived from config.seed (trainer uses 0–2).
-LATENT_STREAM, OT_STREAM, METHOD_STREAM, CLASSIFIER_STREAM = 10, 11, 12, 13
-# DPM-Solver settings of every DPM-Solver row, the baseline and DPM-OT's alike.
-DPM_SOLVER_KWARGS = (("order", 3), ("variant", "dpmsolver++"))
+(LATENT_STREAM, OT_STREAM, METHOD_STREAM, CLASSIFIER_STREAM, TUNING_STREAM, COPY_STREAM,
+ BOOTSTRAP_STREAM, SOLVER_ERROR_STREAM) = range(10, 18)
+
+# Few-step sampler families: table label, `samplers.sample` name, fixed settings.
+FAMILIES = {
+    "ddim": ("DDIM", "ddim", (("eta", 0.0),)),
+    "dpm_solver": ("DPM-Solver(3M)", "dpm_solver", (("order", 3), ("variant", "dpmsolver"))),
+    "dpm_solver_pp_2m": ("DPM-Solver++(2M)", "dpm_solver",
+                         (("order", 2), ("variant", "dpmsolver++"))),
+    "dpm_solver_pp_3m": ("DPM-Solver++(3M)", "dpm_solver",
+                         (("order", 3), ("variant", "dpmsolver++"))),
+    "unipc": ("UniPC(3)", "unipc", (("order", 3), ("variant", "bh2"))),
+}
+# Time spacings a few-step sampler is tuned over (`samplers` spacing names).
+SPACINGS = ("logSNR", "time_uniform", "time_quadratic")
+# The metrics of a row: (key, table header, format, lower is better).
+_METRICS = (("fid", "FID", "{:.2f}", True), ("kid", "KID×10³", "{:.2f}", True),
+            ("precision", "precision", "{:.3f}", False), ("recall", "recall", "{:.3f}", False),
+            ("mmr", "MMR", "{:.3f}", True), ("copy_fraction", "copies", "{:.3f}", True),
+            ("nn_distance_ratio", "NN-dist ratio", "{:.3f}", False))
+_KID_SCALE = 1e3  # KID is shown ×10³ in the tables
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """One row of the table: `sampler` from x_T ~ N(0, I), or from OT latents (`dpmot`)."""
+  """One table row drawn from the model.
+
+  name: the config / results spelling ('dpm_solver_pp_3m_10'); label: the table's;
+  family: a `FAMILIES` key, 'ddpm', 'pf_ode' or 'dpm_ot'; sampler: the `samplers.sample`
+  name; num_steps: network calls (None: 'ddpm' every step, 'pf_ode' adaptive);
+  switch_index: DPM-OT's M (None otherwise); kwargs: fixed sampler settings.
+  """
 
   name: str
+  label: str
+  family: str
   sampler: str
   num_steps: int | None = None
-  dpmot: bool = False
+  switch_index: int | None = None
   kwargs: tuple = ()
 
+  @property
+  def tunable(self) -> bool:
+    """Few-step samplers from x_T, whose time spacing is chosen (or fixed) per NFE."""
+    return self.family in FAMILIES
 
-def parse_method(name: str, config: ml_collections.ConfigDict, num_steps_total: int) -> Method:
-  """'ddpm', 'ddim_<k>', 'dpm_solver_<k>', 'pf_ode' or 'dpmot_<k>' → Method.
 
-  'dpmot_<k>' runs `dpmot.sampler` for k steps from the switch step M = dpmot.switch_index,
-  so 1 ≤ k ≤ M + 1 (and k = M + 1 for the 'ddpm' sampler, which takes every step).
-  """
+def parse_method(name: str, config: ml_collections.ConfigDict) -> Method:
+  """A name of evaluation.methods → Method; ValueError naming the valid forms otherwise."""
+  n_steps = config.diffusion.num_steps
   if name == "ddpm":
-    return Method(f"DDPM-{num_steps_total}", "ddpm")
+    return Method("ddpm", f"DDPM-{n_steps}", "ddpm", "ddpm")
   if name == "pf_ode":
-    return Method("PF-ODE", "pf_ode")
-  match = re.fullmatch(r"(ddim|dpm_solver|dpmot)_(\d+)", name)
+    return Method("pf_ode", "PF-ODE", "pf_ode", "pf_ode")
+  families = "|".join(sorted(FAMILIES, key=len, reverse=True))
+  match = re.fullmatch(rf"({families})_(\d+)", name)
+  if match:
+    steps = int(match.group(2))
+    if steps < 1:
+      raise ValueError(f"evaluation.methods: {name} needs at least 1 step.")
+    label, sampler, kwargs = FAMILIES[match.group(1)]
+    return Method(name, f"{label}-{steps}", match.group(1), sampler, steps, kwargs=kwargs)
+  match = re.fullmatch(r"dpm_ot_(\d+)(?:_m(\d+))?", name)
   if not match:
-    raise ValueError(f"Unknown method {name!r} in evaluation.methods; use 'ddpm', 'pf_ode', "
-                     "'ddim_<k>', 'dpm_solver_<k>' or 'dpmot_<k>'.")
-  kind, steps = match.group(1), int(match.group(2))
-  if steps < 1:
-    raise ValueError(f"{name}: the number of steps must be at least 1.")
-  if kind == "ddim":
-    return Method(f"DDIM-{steps}", "ddim", steps, kwargs=(("eta", 0.0),))
-  if kind == "dpm_solver":
-    return Method(f"DPM-Solver-{steps}", "dpm_solver", steps, kwargs=DPM_SOLVER_KWARGS)
+    raise ValueError(
+        f"Unknown method {name!r} in evaluation.methods; use 'ddpm', 'pf_ode', "
+        f"'<family>_<k>' with family in {', '.join(FAMILIES)}, 'dpm_ot_<k>' or "
+        "'dpm_ot_<k>_m<M>'.")
   dc = config.dpmot
-  available = dc.switch_index + 1  # reverse steps from x_M down to x_0
+  steps = int(match.group(1))
+  m = int(match.group(2)) if match.group(2) else int(dc.switch_index)
+  if not 0 <= m < n_steps:
+    raise ValueError(f"{name}: the switch step M={m} must lie in [0, {n_steps - 1}].")
+  available = m + 1  # reverse steps from x_M down to x_0
   if dc.sampler == "ddpm" and steps != available:
-    raise ValueError(f"dpmot_{steps}: the 'ddpm' sampler takes every step from switch_index="
-                     f"{dc.switch_index}, i.e. {available} steps.")
-  if steps > available:
-    raise ValueError(f"dpmot_{steps}: only {available} reverse steps lie below dpmot."
-                     f"switch_index={dc.switch_index}; use dpmot_<k> with k ≤ {available} or "
-                     f"raise switch_index to at least {steps - 1}.")
-  return Method(f"DPM-OT-{steps}", dc.sampler, None if dc.sampler == "ddpm" else steps, True,
-                _dpmot_sampler_kwargs(dc))
-
-
-def _dpmot_sampler_kwargs(dc: ml_collections.ConfigDict) -> tuple:
-  """The settings of `dpmot.sampler` for the reverse steps from x_M."""
-  return {"ddim": (("eta", float(dc.eta)),), "dpm_solver": DPM_SOLVER_KWARGS}.get(dc.sampler, ())
-
-
-def _key(name: str) -> str:
-  """'DPM-Solver-10' → 'dpm_solver_10': the suffix of the flat results keys."""
-  return name.lower().replace("-", "_")
+    raise ValueError(f"{name}: the 'ddpm' sampler takes every step from M={m}, i.e. "
+                     f"{available} steps.")
+  if not 1 <= steps <= available:
+    raise ValueError(f"{name}: only {available} reverse steps lie below M={m}; use k ≤ "
+                     f"{available} or a larger M.")
+  label = f"DPM-OT-{steps}" + ("" if match.group(2) is None else f" (M={m})")
+  kwargs = {"ddim": (("eta", float(dc.eta)),),
+            "dpm_solver": FAMILIES["dpm_solver_pp_3m"][2]}.get(dc.sampler, ())
+  return Method(name, label, "dpm_ot", dc.sampler, None if dc.sampler == "ddpm" else steps,
+                m, kwargs)
 
 
 def _stream(name: str) -> int:
-  """A PRNG stream per method name (not per list position: reordering reuses samples)."""
+  """A PRNG stream per name (not per list position: reordering reuses cached samples)."""
   return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def _key(config, stream: int, name: str = "") -> jax.Array:
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), stream)
+  return jax.random.fold_in(key, _stream(name)) if name else key
 
 
 # ----------------------------------------------------------------------------------------
@@ -139,52 +190,45 @@ def _stream(name: str) -> int:
 # ----------------------------------------------------------------------------------------
 
 
-def _split_name(config: ml_collections.ConfigDict, split: str) -> str:
-  """The loader's own name of `split` (CIFAR-10's 'heldout' is 'test'), so aliases load once."""
-  if config.data.name == "cifar10" and split == "heldout":
-    return "test"
-  return split
-
-
-def _load_split(config, split: str) -> data.ImageDataset:
-  dc = config.data
-  return data.load_dataset(dc.name, split, dc.get("root") or None, dc.get("resolution") or None)
+def _roles(config) -> dict[str, str]:
+  """role → split, for every split the run reads."""
+  ec = config.evaluation
+  roles = dict(training="train", targets=config.dpmot.target_split,
+               reference=ec.reference_split, floor=ec.floor_split,
+               tuning=ec.tuning_split or config.dpmot.target_split)
+  if ec.features == "classifier":
+    roles["classifier"] = ec.classifier_split
+  return roles
 
 
 @dataclasses.dataclass
 class Inputs:
-  """What the user supplies, read once: splits by loader name, the Inception network
-  (model, variables) when evaluation.features='inception', and the imported diffusers UNet
-  (model, params) when training.init_from_diffusers is set."""
+  """What the user supplies, read once: the splits by role, the Inception network (model,
+  variables) when evaluation.features='inception', the imported diffusers UNet (model,
+  params) when training.init_from_diffusers is set."""
 
   splits: dict[str, data.ImageDataset]
   inception: tuple[Any, Any] | None = None
   diffusers: tuple[Any, Any] | None = None
 
-  def split(self, config: ml_collections.ConfigDict, name: str) -> data.ImageDataset:
-    return self.splits[_split_name(config, name)]
-
 
 def load_inputs(config: ml_collections.ConfigDict) -> Inputs:
-  """Reads every user-supplied input of a DPM-OT run once, before any training.
-
-  Each needed split (train, evaluation.floor_split, evaluation.novelty_split,
-  dpmot.target_split) is loaded once; the Inception weights are read with
-  `evaluation.inception_width` / `inception_resize` when evaluation.features='inception'; the
-  diffusers UNet when training.init_from_diffusers is set. Every input that is missing or
-  unreadable is collected and reported in one FileNotFoundError (ValueError when none is
-  missing but some are unreadable) naming each and where it was looked for.
-  """
-  dc, ec = config.dpmot, config.evaluation
+  """Reads every user-supplied input of a DPM-OT run once, before any training; every input
+  that is missing or unreadable is reported in one FileNotFoundError (ValueError when none
+  is missing but some are unreadable), naming each and where it was looked for."""
+  ec, dc = config.evaluation, config.data
   problems: list[tuple[str, Exception]] = []
+  loaded: dict[str, data.ImageDataset] = {}
   splits: dict[str, data.ImageDataset] = {}
-  names = dict.fromkeys(_split_name(config, s) for s in
-                        ("train", ec.floor_split, ec.novelty_split, dc.target_split))
-  for name in names:
+  for role, split in _roles(config).items():
     try:
-      splits[name] = _load_split(config, name)
+      if split not in loaded:
+        loaded[split] = data.load_dataset(dc.name, split, dc.get("root") or None,
+                                          dc.get("resolution") or None)
+      splits[role] = loaded[split]
     except (FileNotFoundError, ValueError) as e:
-      problems.append((f"dataset {config.data.name} (config.data.root={config.data.get('root')!r})", e))
+      problems.append((f"dataset {dc.name} split {split!r} ({role}; config.data.root="
+                       f"{dc.get('root')!r})", e))
       break  # the other splits sit in the same place: one entry for the dataset
   inception_net = None
   if ec.features == "inception":
@@ -198,7 +242,7 @@ def load_inputs(config: ml_collections.ConfigDict) -> Inputs:
       problems.append(("Inception weights (config.evaluation.inception_weights)", e))
   diffusers = None
   if config.training.get("init_from_diffusers", ""):
-    shape = splits["train"].image_shape if "train" in splits else None  # checked against it
+    shape = splits["training"].image_shape if "training" in splits else None
     try:
       diffusers = trainer.model_from_config(config, shape)
     except (FileNotFoundError, ValueError) as e:
@@ -214,7 +258,7 @@ def load_inputs(config: ml_collections.ConfigDict) -> Inputs:
 
 
 # ----------------------------------------------------------------------------------------
-# Stages.
+# Model, latents, potential.
 # ----------------------------------------------------------------------------------------
 
 
@@ -236,79 +280,37 @@ def _imported_model_inputs(config) -> dict:
 
 
 def _model(config, workdir: str, train_set: data.ImageDataset, inputs: Inputs):
-  """(network, results about it, model fingerprint): trained (resumable), or the imported
+  """(network, facts about it, model fingerprint): trained (resumable), or the imported
   diffusers UNet as it is (`trainer.place_network`, no training step)."""
   if inputs.diffusers is None:
-    fp = stages.fingerprint(_model_inputs(config))
-    directory = stages.stage_dir(workdir, "model", fp)
+    fingerprint = stages.fingerprint(_model_inputs(config))
+    directory = stages.stage_dir(workdir, "model", fingerprint)
     result = trainer.train_ddpm(config, os.path.join(directory, "checkpoints"), train_set,
                                 hooks=common.training_hooks(directory))
     info = dict(params=result.num_params, train_steps=int(jax.device_get(result.state.step)),
                 train_seconds=result.train_seconds, imported_weights=0)
-    return result.network, info, fp
-  fp = stages.fingerprint(_imported_model_inputs(config))
+    return result.network, info, fingerprint
   model, params = inputs.diffusers
   logging.info("Using the diffusers weights %s as they are (no training).",
                config.training.init_from_diffusers)
   network = trainer.place_network(config, model, params)
   info = dict(params=network.num_params, train_steps=0, train_seconds=0.0, imported_weights=1)
-  return network, info, fp
+  return network, info, stages.fingerprint(_imported_model_inputs(config))
 
 
-def _latents(config, schedule, targets: np.ndarray, switch_index: int, fp: str, workdir: str):
-  """x_M = √ᾱ_M y + √(1 − ᾱ_M) ε for every target y (Ho et al. 2020, Eq. 4)."""
-
-  def compute():
-    alpha_bar = float(schedule.alphas_cumprod()[switch_index])
-    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), LATENT_STREAM)
-    noise = np.asarray(jax.random.normal(key, targets.shape, jnp.float32))
-    latents = np.sqrt(alpha_bar) * targets + np.sqrt(1.0 - alpha_bar) * noise
-    return {"latents": latents.astype(np.float32)}
-
-  arrays, cached = stages.cached_arrays(os.path.join(workdir, f"latents-{fp[:12]}.npz"), fp, compute)
-  logging.info("Latents at step %d (N=%d): %s", switch_index, len(targets),
-               "reused" if cached else "computed")
-  return arrays["latents"]
-
-
-def _potential(config, latents: np.ndarray, fp: str, workdir: str, num_iterations: int):
-  """The semi-discrete dual potential g (N,), solved once and kept with orbax."""
-  oc = config.dpmot.ot
-  directory = stages.stage_dir(workdir, "ot", fp)
-  n = len(latents)
-  with checkpoints.Checkpointer(directory, keep=1, async_save=False) as ckpt:
-    if ckpt.latest_step() is not None:
-      stored = ckpt.restore({"g": jnp.zeros((n,), jnp.float32),
-                             "diagnostics": jnp.zeros((len(_DIAG_KEYS),), jnp.float32)})
-      logging.info("OT potential reused from %s", directory)
-      return stored["g"], _diagnostics_from_array(np.asarray(stored["diagnostics"]))
-    logging.info("Solving semi-discrete OT: N=%d targets in d=%d, up to %d iterations", n,
-                 latents[0].size, num_iterations)
-    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), OT_STREAM)
-    g, diag = semidiscrete.solve_potential(
-        key, jnp.asarray(latents), source=config.dpmot.source, num_iterations=num_iterations,
-        batch_size=oc.batch_size, learning_rate=oc.learning_rate,
-        error_eval_every=oc.error_eval_every, error_batch_size=oc.error_batch_size or None,
-        chi2_threshold=oc.chi2_threshold, num_check_samples=oc.check_samples)
-    logging.info("OT: %d iterations, %.1f s, chi2 %.2e, converged %s, empty cells %s",
-                 diag["iterations"], diag["seconds"], diag["chi2_error"], diag["converged"],
-                 diag.get("empty_cells"))
-    ckpt.save(0, {"g": jnp.asarray(g, jnp.float32),
-                  "diagnostics": jnp.asarray(_diagnostics_to_array(diag), jnp.float32)})
-    return g, _diagnostics_from_array(_diagnostics_to_array(diag))
+def switch_alpha_bar(view: samplers.NoiseSchedule, switch_index: int) -> float:
+  """ᾱ_M of the samplers' view at step M (the DDPM's ᾱ_M for the discrete view)."""
+  log_alpha, _ = samplers.log_alpha_std(view, samplers.time_of_index(view, switch_index))
+  return float(np.exp(2.0 * float(log_alpha)))
 
 
 _DIAG_KEYS = ("iterations", "seconds", "chi2_error", "converged", "max_relative_error", "empty_cells")
 _INT_DIAG_KEYS = ("iterations", "converged", "empty_cells")
 
 
-def _diagnostics_to_array(diag: dict) -> np.ndarray:
-  return np.array([float(diag.get(k, np.nan)) for k in _DIAG_KEYS])
-
-
 def _diagnostics_from_array(values: np.ndarray) -> dict:
-  """Back from the float32 array of the orbax save: counts and the flag as ints; entries
-  that were not measured (NaN, e.g. empty_cells with check_samples=0) are left out."""
+  """OT diagnostics back from the float array they are stored as: counts and the flag as
+  ints; entries that were not measured (NaN) are left out."""
   out: dict[str, float | int] = {}
   for k, v in zip(_DIAG_KEYS, (float(v) for v in values)):
     if np.isfinite(v):
@@ -316,14 +318,85 @@ def _diagnostics_from_array(values: np.ndarray) -> dict:
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Expressway:
+  """DPM-OT's map at one switch step M: the Monge map noise → x_M^{j(z)} and its facts."""
+
+  monge_map: semidiscrete.MongeMap
+  diagnostics: dict
+  alpha_bar: float
+  fingerprint: str
+
+
+def _expressway(config, network, model_fp: str, targets: np.ndarray, switch_index: int,
+                workdir: str) -> Expressway:
+  """Latents at M (cached .npz) and the OT potential g (cached with orbax) → the Monge map."""
+  dc, oc = config.dpmot, config.dpmot.ot
+  alpha_bar = switch_alpha_bar(network.view, switch_index)
+  lat_fp = stages.fingerprint(dict(model=model_fp, targets=dc.target_split, data=config.data,
+                                   switch_index=switch_index, seed=config.seed))
+
+  def latents_fn():
+    noise = np.asarray(jax.random.normal(_key(config, LATENT_STREAM), targets.shape, jnp.float32))
+    latents = np.sqrt(alpha_bar) * targets + np.sqrt(1.0 - alpha_bar) * noise
+    return {"latents": latents.astype(np.float32)}
+
+  arrays, cached = stages.cached_arrays(os.path.join(workdir, f"latents-{lat_fp[:12]}.npz"),
+                                        lat_fp, latents_fn)
+  latents = arrays["latents"]
+  logging.info("Latents at M=%d (N=%d, ᾱ_M=%.4f): %s", switch_index, len(latents), alpha_bar,
+               "reused" if cached else "computed")
+  ot_fp = stages.fingerprint(dict(latents=lat_fp, ot=oc, source=dc.source))
+  directory = stages.stage_dir(workdir, "ot", ot_fp)
+  with checkpoints.Checkpointer(directory, keep=1, async_save=False) as ckpt:
+    if ckpt.latest_step() is not None:
+      stored = ckpt.restore({"g": jnp.zeros((len(latents),), jnp.float32),
+                             "diagnostics": jnp.zeros((len(_DIAG_KEYS),), jnp.float32)})
+      g, diag = stored["g"], _diagnostics_from_array(np.asarray(stored["diagnostics"]))
+      logging.info("OT potential at M=%d reused from %s", switch_index, directory)
+    else:
+      logging.info("Solving semi-discrete OT at M=%d: N=%d targets in d=%d, up to %d "
+                   "iterations", switch_index, len(latents), latents[0].size, oc.num_iterations)
+      g, diag = semidiscrete.solve_potential(
+          _key(config, OT_STREAM), jnp.asarray(latents), source=dc.source,
+          num_iterations=oc.num_iterations, batch_size=oc.batch_size,
+          learning_rate=oc.learning_rate, error_eval_every=oc.error_eval_every,
+          error_batch_size=oc.error_batch_size or None, chi2_threshold=oc.chi2_threshold,
+          num_check_samples=oc.check_samples)
+      values = np.array([float(diag.get(k, np.nan)) for k in _DIAG_KEYS])
+      ckpt.save(0, {"g": jnp.asarray(g, jnp.float32), "diagnostics": jnp.asarray(values, jnp.float32)})
+      diag = _diagnostics_from_array(values)
+      logging.info("OT at M=%d: %d iterations, %.1f s, χ² %.2e, converged %s, empty cells %s",
+                   switch_index, diag["iterations"], diag["seconds"], diag["chi2_error"],
+                   diag["converged"], diag.get("empty_cells"))
+  if not diag.get("converged", 0):
+    logging.warning(
+        "The semi-discrete OT at M=%d did not converge in %d iterations (last χ² check %.3g > "
+        "dpmot.ot.chi2_threshold=%g): the cells do not hold equal mass, so DPM-OT favours some "
+        "targets. Raise dpmot.ot.learning_rate (Adam moves g by at most about lr per step), "
+        "dpmot.ot.num_iterations or dpmot.ot.error_batch_size.", switch_index,
+        diag.get("iterations", -1), diag.get("chi2_error", float("nan")), oc.chi2_threshold)
+  devices = list(network.mesh.devices.flat)
+  return Expressway(semidiscrete.monge_map(latents, g, devices, oc.block_size), diag, alpha_bar,
+                    ot_fp)
+
+
+# ----------------------------------------------------------------------------------------
+# Samples.
+# ----------------------------------------------------------------------------------------
+
+
 def _draw(method: Method, network, key, num_samples: int, batch_size: int, image_shape,
-          monge_map, start_index: int | None, source: str) -> dict[str, np.ndarray]:
-  """`num_samples` images of `method` (`samplers.sample_images` or `samplers.dpm_ot`) as the
-  arrays of the sample cache: images, nfe, seconds and, for DPM-OT, target_index."""
+          expressway: Expressway | None, source: str, spacing: str | None) -> dict[str, np.ndarray]:
+  """`num_samples` images of `method` as the arrays of a sample cache: images, nfe, seconds
+  and, for DPM-OT, target_index."""
   kwargs = dict(method.kwargs)
-  if method.dpmot:
-    result = samplers.dpm_ot(network, monge_map, key, num_samples, image_shape, start_index,
-                             method.num_steps, method.sampler, source, batch_size, **kwargs)
+  if spacing is not None:
+    kwargs["spacing"] = spacing
+  if method.family == "dpm_ot":
+    result = samplers.dpm_ot(network, expressway.monge_map, key, num_samples, image_shape,
+                             method.switch_index, method.num_steps, method.sampler, source,
+                             batch_size, **kwargs)
   else:
     result = samplers.sample_images(network, key, num_samples, image_shape, method.sampler,
                                     method.num_steps, batch_size, **kwargs)
@@ -340,86 +413,165 @@ def _draw(method: Method, network, key, num_samples: int, batch_size: int, image
 
 @dataclasses.dataclass
 class Evaluator:
-  """Features for FID / precision-recall, and class probabilities for MMR when available."""
+  """Features for FID / KID / precision-recall, class probabilities for MMR (classifier
+  features only), and the fixed sets every draw is compared with."""
 
   features: Callable[[np.ndarray], np.ndarray]
   probs: Callable[[np.ndarray], np.ndarray] | None
   feature_name: str
+  reference_features: np.ndarray
+  targets: np.ndarray  # pixels: the memorization reference "copy of a target"
+  novelty: np.ndarray  # pixels: real images that are not targets ("as novel as fresh data")
   classifier_accuracy: float | None = None
 
+  def measure(self, images: np.ndarray, config, reference_features: np.ndarray | None = None
+              ) -> dict[str, float]:
+    """The metrics of one draw of images."""
+    ec = config.evaluation
+    reference = self.reference_features if reference_features is None else reference_features
+    feats = self.features(images)
+    out = {"fid": metrics.fid_from_features(reference, feats),
+           "kid": metrics.kid_from_features(reference, feats)}
+    out.update(metrics.precision_recall(reference, feats, k=ec.pr_k))
+    if self.probs is not None:
+      probs = self.probs(images)
+      out["mmr"] = metrics.mode_mixture_ratio(probs, ec.mmr_lambda)
+      out["recognized_fraction"] = metrics.recognized_fraction(probs)
+      out.update({f"mmr_{lam:g}": v for lam, v in zip(ec.mmr_sweep,
+                                                       metrics.mmr_sweep(probs, ec.mmr_sweep))})
+    mem = metrics.memorization(images, self.targets, self.novelty)
+    out["copy_fraction"] = mem["copy_fraction"]
+    out["nn_distance_ratio"] = mem["nn_distance_ratio"]
+    return out
 
-def _evaluator(config, train_set: data.ImageDataset, heldout: data.ImageDataset, workdir: str,
-               inputs: Inputs) -> Evaluator:
+
+def _evaluator(config, inputs: Inputs, targets: np.ndarray, workdir: str) -> Evaluator:
   """Inception features (pytorch-fid weights, read by `load_inputs`) or a digits classifier
-  trained on `train_set` (cached in the workdir; its accuracy on `heldout` reported)."""
+  trained on the classifier split (cached in the workdir; its accuracy on the reference)."""
   ec = config.evaluation
+  reference = inputs.splits["reference"]
+  novelty = inputs.splits["floor"].images[:ec.max_novelty_images or None]
   if ec.features == "inception":
     from ddpm_ot_jax.models import inception  # pylint: disable=g-import-not-at-top
 
     model, variables = inputs.inception
     feature_fn = inception.make_feature_fn(model, variables)
     feats = lambda images: np.asarray(inception.extract_features(feature_fn, images))  # noqa: E731
-    return Evaluator(feats, None, "inception")
+    return Evaluator(feats, None, "Inception", feats(reference.images), targets, novelty)
   from ddpm_ot_jax import classifier  # pylint: disable=g-import-not-at-top
 
+  train_set = inputs.splits["classifier"]
   steps = int(ec.classifier_steps)
-  fp = stages.fingerprint(dict(seed=config.seed, data=config.data, kind="classifier", steps=steps))
+  fp = stages.fingerprint(dict(seed=config.seed, data=config.data, split=ec.classifier_split,
+                               kind="classifier", steps=steps))
   path = os.path.join(workdir, f"classifier-{fp[:12]}.msgpack")
   if os.path.exists(path):
     with open(path, "rb") as f:
       params = flax.serialization.msgpack_restore(f.read())
   else:
-    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), CLASSIFIER_STREAM)
-    params = classifier.train_classifier(key, train_set.images, train_set.labels,
-                                         num_classes=train_set.num_classes, num_steps=steps)
+    params = classifier.train_classifier(_key(config, CLASSIFIER_STREAM), train_set.images,
+                                         train_set.labels, num_classes=train_set.num_classes,
+                                         num_steps=steps)
     with common.atomic_path(path) as tmp:
       with open(tmp, "wb") as f:
         f.write(flax.serialization.msgpack_serialize(jax.device_get(params)))
   probs = lambda images: np.asarray(classifier.predict_probs(params, images))  # noqa: E731
   feats = lambda images: np.asarray(classifier.features(params, images))  # noqa: E731
-  accuracy = float(np.mean(np.argmax(probs(heldout.images), -1) == heldout.labels))
-  return Evaluator(feats, probs, "classifier", accuracy)
+  accuracy = float(np.mean(np.argmax(probs(reference.images), -1) == reference.labels))
+  return Evaluator(feats, probs, "digits-classifier", feats(reference.images), targets,
+                   novelty, accuracy)
 
 
-def _metrics(images: np.ndarray, evaluator: Evaluator, reference_features: np.ndarray,
-             targets: np.ndarray, novelty_pixels: np.ndarray, config,
-             with_memorization: bool = True) -> dict[str, float]:
-  ec = config.evaluation
-  feats = evaluator.features(images)
-  out = {"fid": metrics.fid_from_features(reference_features, feats)}
-  out.update(metrics.precision_recall(reference_features, feats, k=ec.pr_k))
-  if evaluator.probs is not None:
-    probs = evaluator.probs(images)
-    out["mmr"] = metrics.mode_mixture_ratio(probs, ec.mmr_lambda)
-    out["recognized_fraction"] = metrics.recognized_fraction(probs)
-  if with_memorization:
-    mem = metrics.memorization(images, targets, novelty_pixels)
-    out["copy_fraction"] = mem["copy_fraction"]
-    out["nn_distance_ratio"] = mem["nn_distance_ratio"]
+def _summarize(draws: list[dict[str, float]]) -> dict[str, Any]:
+  """{metric: mean, metric_std: std, metric_draws: values} over the draws of one row."""
+  out: dict[str, Any] = {}
+  for key in draws[0]:
+    values = [d[key] for d in draws]
+    out[key], out[f"{key}_std"] = metrics.mean_std(values)
+    out[f"{key}_draws"] = values
   return out
 
 
-_TABLE_COLUMNS = (("nfe", "NFE", "{:.0f}"), ("fid", "FID", "{:.3f}"), ("precision", "precision", "{:.3f}"),
-                  ("recall", "recall", "{:.3f}"), ("mmr", "MMR", "{:.3f}"),
-                  ("copy_fraction", "copies", "{:.3f}"), ("nn_distance_ratio", "NN-dist ratio", "{:.3f}"),
-                  ("seconds", "seconds", "{:.1f}"))
+def _floor_row(evaluator: Evaluator, floor: np.ndarray, config) -> dict[str, Any]:
+  """The data floor: every metric on all floor images (the value), ± the std over
+  evaluation.num_draws bootstrap resamples of them (resampled with replacement)."""
+  row = evaluator.measure(floor, config)
+  rng = np.random.default_rng([config.seed, BOOTSTRAP_STREAM])
+  boot = [evaluator.measure(floor[rng.integers(0, len(floor), len(floor))], config)
+          for _ in range(config.evaluation.num_draws)]
+  out = dict(row)
+  for key in row:
+    values = [b[key] for b in boot]
+    out[f"{key}_std"] = metrics.mean_std(values)[1]
+    out[f"{key}_draws"] = values
+  out["nfe"] = 0
+  return out
 
 
-def comparison_table(rows: list[tuple[str, dict]], feature_name: str, num_samples: int) -> str:
-  """The markdown table: one row per method (and the data floor), the columns above."""
-  present = [c for c in _TABLE_COLUMNS if any(c[0] in r for _, r in rows)]
-  lines = ["| method | " + " | ".join(c[1] for c in present) + " |",
-           "|---|" + "---:|" * len(present)]
-  for name, row in rows:
-    cells = [c[2].format(row[c[0]]) if c[0] in row else "–" for c in present]
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  lines.append("")
-  lines.append(f"FID, precision and recall in {feature_name} feature space against the training "
-               f"set, {num_samples} samples per method. MMR: share of samples with ≥ 2 classes of "
-               "softmax ≥ λ. copies: share of samples whose nearest target is ≥ 3× closer than the "
-               "second nearest; NN-dist ratio: median nearest-target distance of samples over that "
-               "of held-out real images (1 = as novel as fresh data, → 0 = copies).")
-  return "\n".join(lines) + "\n"
+def _cell(row: dict, key: str, fmt: str) -> str:
+  if key not in row:
+    return "–"
+  scale = _KID_SCALE if key == "kid" else 1.0
+  value, std = row[key] * scale, row.get(f"{key}_std", float("nan")) * scale
+  text = fmt.format(value)
+  return text if not np.isfinite(std) else f"{text} ± {fmt.format(std)}"
+
+
+def comparison_table(rows: list[tuple[str, dict]], caption: str) -> str:
+  """The markdown table: one row per method and control, mean ± std of each metric."""
+  present = [c for c in _METRICS if any(c[0] in r for _, r in rows)]
+  lines = ["| method | NFE | " + " | ".join(c[1] for c in present) + " | s / draw |",
+           "|---|---:|" + "---:|" * len(present) + "---:|"]
+  for label, row in rows:
+    cells = [_cell(row, key, fmt) for key, _, fmt, _ in present]
+    seconds = f"{row['seconds']:.1f}" if "seconds" in row else "–"
+    lines.append(f"| {label} | {row.get('nfe', '–')} | " + " | ".join(cells) + f" | {seconds} |")
+  return "\n".join(lines) + "\n\n" + caption + "\n"
+
+
+def _caption(config, evaluator: Evaluator, num_targets: int, num_floor: int) -> str:
+  ec = config.evaluation
+  return (
+      f"Mean ± std over {ec.num_draws} independent draws of {ec.num_samples} samples per row "
+      f"(seeds disjoint from the spacing tuning). FID, KID, precision and recall in "
+      f"{evaluator.feature_name} features against the reference split '{ec.reference_split}' "
+      f"(seen by no model, classifier or OT target). DPM-OT maps noise onto the "
+      f"{num_targets} targets '{config.dpmot.target_split}'; the copy machine draws "
+      f"{ec.num_samples} of them with replacement. The data floor is the {num_floor} images of "
+      f"'{ec.floor_split}' (real, not targets), ± over bootstrap resamples; with fewer images "
+      f"than the rows its FID is biased upward (FID grows as n shrinks); KID is unbiased at any "
+      f"n. MMR: share of samples with ≥ 2 classes of softmax ≥ {ec.mmr_lambda}"
+      + (f" (classifier trained on '{ec.classifier_split}', accuracy on the reference "
+         f"{evaluator.classifier_accuracy:.3f})" if evaluator.classifier_accuracy is not None
+         else "") +
+      ". copies: share of samples whose nearest target is ≥ 3× closer than the second; "
+      "NN-dist ratio: median nearest-target distance of the samples over that of the floor "
+      "images (1: as novel as fresh data, → 0: copies).")
+
+
+def _verdicts(rows: list[tuple[Method | None, str, dict]]) -> tuple[str, dict[str, int]]:
+  """Who beats whom, by FID and by KID (mean ± std intervals must separate): every DPM-OT
+  row against every other row of its NFE, every row against the copy machine and the floor."""
+  by_name = {name: (method, row) for method, name, row in rows}
+  pairs = []
+  for method, name, row in rows:
+    if method is not None and method.family == "dpm_ot":
+      pairs += [(name, other) for m, other, r in rows
+                if m is not None and other != name and r["nfe"] == row["nfe"]]
+    if name not in ("copy_machine", "data_floor"):
+      pairs += [(name, "copy_machine"), (name, "data_floor")]
+  words = {1: "better", -1: "worse", 0: "tied"}
+  lines, keys = ["| A | B | FID | KID |", "|---|---|---|---|"], {}
+  for a, b in dict.fromkeys(pairs):
+    verdict = {}
+    for metric in ("fid", "kid"):
+      ra, rb = by_name[a][1], by_name[b][1]
+      verdict[metric] = metrics.compare((ra[metric], ra[f"{metric}_std"]),
+                                        (rb[metric], rb[f"{metric}_std"]))
+      keys[f"verdict_{metric}_{a}_vs_{b}"] = verdict[metric]
+    lines.append(f"| {a} | {b} | {words[verdict['fid']]} | {words[verdict['kid']]} |")
+  return "A better than B: A's mean ± std interval lies entirely below B's.\n\n" + \
+      "\n".join(lines) + "\n", keys
 
 
 # ----------------------------------------------------------------------------------------
@@ -427,196 +579,197 @@ def comparison_table(rows: list[tuple[str, dict]], feature_name: str, num_sample
 # ----------------------------------------------------------------------------------------
 
 
-def _validate(config) -> None:
-  """Config errors, before anything is read or computed."""
+def _validate(config) -> list[Method]:
+  """Config errors, before anything is read or computed; returns the methods."""
   dc, ec = config.dpmot, config.evaluation
-  n_steps = config.diffusion.num_steps
-  if not 0 <= dc.switch_index < n_steps:
-    raise ValueError(f"dpmot.switch_index must lie in [0, {n_steps - 1}], got {dc.switch_index}.")
   if dc.sampler not in ("ddim", "ddpm", "dpm_solver"):
     raise ValueError(f"dpmot.sampler must be 'ddim', 'ddpm' or 'dpm_solver', got {dc.sampler!r}.")
-  if dc.source not in ("gaussian", "uniform"):
-    raise ValueError(f"dpmot.source must be 'gaussian' or 'uniform', got {dc.source!r}.")
+  if dc.source not in semidiscrete.SOURCES:
+    raise ValueError(f"dpmot.source must be one of {semidiscrete.SOURCES}, got {dc.source!r}.")
   if ec.features not in ("classifier", "inception"):
     raise ValueError(f"evaluation.features must be 'classifier' or 'inception', got {ec.features!r}.")
   if ec.num_samples <= ec.pr_k:
     raise ValueError(f"evaluation.num_samples must exceed pr_k={ec.pr_k}.")
+  if ec.num_draws < 2:
+    raise ValueError("evaluation.num_draws must be ≥ 2: every row is reported with its spread.")
   if dc.ot.error_batch_size < 0:
     raise ValueError("dpmot.ot.error_batch_size must be ≥ 0 (0: the solver's default).")
-  if dc.switch_sweep and dc.sampler == "ddpm":
-    raise ValueError("dpmot.switch_sweep compares switch steps at a fixed NFE "
-                     "(dpmot.sweep_num_steps), which the 'ddpm' sampler (every step from M) "
-                     "cannot keep: use dpmot.sampler='ddim' or 'dpm_solver', or switch_sweep=().")
-  for m in dc.switch_sweep:
-    if not dc.sweep_num_steps <= m + 1 <= n_steps:
-      raise ValueError(f"switch_sweep index {m} cannot take {dc.sweep_num_steps} steps.")
-  if _split_name(config, dc.target_split) == _split_name(config, ec.novelty_split):
-    raise ValueError("dpmot.target_split and evaluation.novelty_split must differ: the novelty "
-                     "images are the reference for 'not a copy of a target'.")
-  if _split_name(config, ec.floor_split) == "train":
-    raise ValueError("evaluation.floor_split must not be 'train': the data floor compares real "
-                     "images outside the training set with it.")
-  for name in ec.methods:
-    parse_method(name, config, n_steps)
+  roles = _roles(config)
+  for a, b in (("targets", "reference"), ("targets", "floor"), ("reference", "floor"),
+               ("classifier", "targets"), ("classifier", "reference"), ("classifier", "floor"),
+               ("tuning", "reference")):
+    if a in roles and b in roles and roles[a] == roles[b]:
+      raise ValueError(f"The {a} and {b} splits must differ (both are {roles[a]!r}): the "
+                       f"{b} must be images the {a} role has not seen.")
+  for name, spacing in ec.spacings.items():
+    if spacing not in SPACINGS:
+      raise ValueError(f"evaluation.spacings.{name}={spacing!r}: use one of {SPACINGS}.")
+  methods = [parse_method(name, config) for name in ec.methods]
+  if len({m.name for m in methods}) != len(methods):
+    raise ValueError("evaluation.methods lists a method twice.")
+  return methods
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the stages of the module docstring; returns the flat results dict."""
-  _validate(config)
+  methods = _validate(config)
   watch = common.Stopwatch()
   dc, ec = config.dpmot, config.evaluation
-  # Everything a user can get wrong about inputs fails here, before hours of training.
-  inputs = load_inputs(config)
-  train_set = inputs.split(config, "train")
-  floor_set = inputs.split(config, ec.floor_split)
-  novelty_set = inputs.split(config, ec.novelty_split)
-  targets_set = inputs.split(config, dc.target_split)
-  evaluator = _evaluator(config, train_set, floor_set, workdir, inputs)
-  logging.info("Data: %d train, %d floor (%s), %d novelty reference (%s), %d targets (%s) of shape %s",
-               len(train_set), len(floor_set), ec.floor_split, len(novelty_set), ec.novelty_split,
-               len(targets_set), dc.target_split, train_set.image_shape)
+  inputs = load_inputs(config)  # everything a user can get wrong about inputs fails here
+  train_set = inputs.splits["training"]
+  targets = inputs.splits["targets"].images
+  floor = inputs.splits["floor"].images
+  image_shape = train_set.image_shape
+  logging.info("Splits: %s", ", ".join(f"{role} {split!r} ({len(inputs.splits[role])})"
+                                       for role, split in _roles(config).items()))
 
-  # 1. Model.
   network, model_info, model_fp = _model(config, workdir, train_set, inputs)
-  schedule = trainer.schedule_from_config(config)
   logging.info("Model: %d params, %d steps (%.0f s this run)", model_info["params"],
                model_info["train_steps"], model_info["train_seconds"])
-
-  targets = targets_set.images
-  if dc.max_targets and len(targets) > dc.max_targets:
-    targets = targets[:dc.max_targets]
-  reference_features = evaluator.features(train_set.images)
-  novelty_pixels = novelty_set.images[:ec.max_novelty_images or None]
-  devices = list(network.mesh.devices.flat)
-
-  # 2–3. Latents and OT potential at the switch index (and the sweep's).
-  def expressway(switch_index: int, iterations: int):
-    lat_fp = stages.fingerprint(dict(model=model_fp, targets=dc.target_split, max_targets=dc.max_targets,
-                                     switch_index=switch_index, seed=config.seed, data=config.data))
-    latents = _latents(config, schedule, targets, switch_index, lat_fp, workdir)
-    ot_fp = stages.fingerprint(dict(latents=lat_fp, ot=dc.ot, source=dc.source, iterations=iterations))
-    g, diag = _potential(config, latents, ot_fp, workdir, iterations)
-    if not diag.get("converged", 0):
-      logging.warning(
-          "The semi-discrete OT at switch step %d did not converge in %d iterations (last χ² "
-          "check %.3g > dpmot.ot.chi2_threshold=%g): the cells of the OT map do not hold equal "
-          "mass, so DPM-OT favours some targets. Raise dpmot.ot.learning_rate (Adam moves g "
-          "by at most about lr per step), dpmot.ot.num_iterations (or "
-          "dpmot.sweep_ot_iterations) or dpmot.ot.error_batch_size.", switch_index,
-          diag.get("iterations", -1), diag.get("chi2_error", float("nan")), dc.ot.chi2_threshold)
-    return semidiscrete.monge_map(latents, g, devices, dc.ot.block_size), diag, lat_fp, ot_fp
-
-  ot_map, ot_diag, _, ot_fp = expressway(dc.switch_index, dc.ot.num_iterations)
-
-  # 4–5. Samples and evaluation, one method at a time.
-  alpha_bar = float(schedule.alphas_cumprod()[dc.switch_index])
-  results: dict[str, Any] = {
-      **model_info,
-      "num_samples": ec.num_samples,
-      "num_targets": len(targets),
-      "switch_index": dc.switch_index,
-      "switch_alpha_bar": alpha_bar,
-      "switch_noise_to_signal": float(np.sqrt(1 / alpha_bar - 1)),
-  }
+  evaluator = _evaluator(config, inputs, targets, workdir)
+  tuning_features = evaluator.features(inputs.splits["tuning"].images)
+  results: dict[str, Any] = {**model_info, "num_samples": ec.num_samples,
+                             "num_draws": ec.num_draws, "num_targets": len(targets)}
   if evaluator.classifier_accuracy is not None:
     results["classifier_accuracy"] = evaluator.classifier_accuracy
-  results.update({f"ot_{k}": v for k, v in ot_diag.items()})
-  rows, sample_paths = [], {}
-  method_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), METHOD_STREAM)
 
-  def samples(method: Method, ot_map, start_index: int, stem: str, **identity):
-    """`method`'s samples, cached in <workdir>/<stem>-<fp>.npz; fp covers `identity` and the
-    sampling settings (evaluation.batch_size sets the chunks, hence the per-chunk keys).
-    Returns (arrays, path, cached)."""
-    fp = stages.fingerprint(dict(identity, method=dataclasses.asdict(method), n=ec.num_samples,
-                                 batch_size=ec.batch_size, seed=config.seed))
+  expressways: dict[int, Expressway] = {}
+  for m in sorted({method.switch_index for method in methods if method.family == "dpm_ot"}):
+    expressways[m] = _expressway(config, network, model_fp, targets, m, workdir)
+    way = expressways[m]
+    results.update({f"ot_{k}_m{m}": v for k, v in way.diagnostics.items()})
+    results[f"switch_alpha_bar_m{m}"] = way.alpha_bar
+    results[f"switch_noise_to_signal_m{m}"] = float(np.sqrt(1.0 / way.alpha_bar - 1.0))
 
-    def compute():
-      return _draw(method, network, jax.random.fold_in(method_key, _stream(method.name)),
-                   ec.num_samples, ec.batch_size, train_set.image_shape, ot_map, start_index,
-                   dc.source)
+  def samples(method: Method, key, num: int, stem: str, spacing: str | None, **identity):
+    """`method`'s samples, cached in <workdir>/<stem>-<fp>.npz (arrays, cached)."""
+    way = expressways.get(method.switch_index)
+    fp = stages.fingerprint(dict(identity, method=dataclasses.asdict(method), n=num,
+                                 spacing=spacing, batch_size=ec.batch_size, seed=config.seed,
+                                 model=model_fp, ot=way.fingerprint if way else None))
+    return stages.cached_arrays(
+        os.path.join(workdir, f"{stem}-{fp[:12]}.npz"), fp,
+        lambda: _draw(method, network, key, num, ec.batch_size, image_shape, way, dc.source,
+                      spacing))
 
-    path = os.path.join(workdir, f"{stem}-{fp[:12]}.npz")
-    arrays, cached = stages.cached_arrays(path, fp, compute)
-    return arrays, path, cached
+  # Spacing of each few-step sampler: fixed by evaluation.spacings, else tuned on one
+  # validation draw per spacing against the tuning split.
+  spacings: dict[str, str | None] = {}
+  for method in methods:
+    if not method.tunable:
+      spacings[method.name] = None
+    elif method.name in ec.spacings:
+      spacings[method.name] = ec.spacings[method.name]
+    else:
+      fids = {}
+      for spacing in SPACINGS:
+        arrays, _ = samples(method, _key(config, TUNING_STREAM, method.name + spacing),
+                            ec.tuning_num_samples, f"tuning-{method.name}-{spacing}", spacing)
+        fids[spacing] = metrics.fid_from_features(tuning_features,
+                                                  evaluator.features(arrays["images"]))
+        results[f"tuning_fid_{method.name}_{spacing}"] = fids[spacing]
+      spacings[method.name] = min(fids, key=fids.get)
+      logging.info("%s: spacing %s (validation FID %s)", method.label, spacings[method.name],
+                   ", ".join(f"{s} {v:.2f}" for s, v in fids.items()))
+    if spacings[method.name] is not None:
+      results[f"spacing_{method.name}"] = SPACINGS.index(spacings[method.name])
 
-  def measure(images: np.ndarray, with_memorization: bool = True) -> dict[str, float]:
-    return _metrics(images, evaluator, reference_features, targets, novelty_pixels, config,
-                    with_memorization)
+  # Rows: D draws per method, then the two controls.
+  rows: list[tuple[Method | None, str, dict]] = []
+  for method in methods:
+    draws, seconds, nfe, first = [], [], None, None
+    for d in range(ec.num_draws):
+      key = jax.random.fold_in(_key(config, METHOD_STREAM, method.name), d)
+      arrays, cached = samples(method, key, ec.num_samples, f"samples-{method.name}-{d}",
+                               spacings[method.name], draw=d)
+      draws.append(evaluator.measure(arrays["images"], config))
+      seconds.append(float(arrays["seconds"]))
+      nfe = int(arrays["nfe"])
+      first = arrays["images"] if first is None else first
+    row = _summarize(draws)
+    row.update(nfe=nfe, seconds=float(np.mean(seconds)))
+    rows.append((method, method.name, row))
+    common.save_image_grid(first[:100], os.path.join(workdir, f"samples_{method.name}.png"),
+                           f"{method.label} ({nfe} NFE)")
+    logging.info("%s: NFE %d, FID %.2f ± %.2f, KID×10³ %.2f ± %.2f, copies %.3f", method.label,
+                 nfe, row["fid"], row["fid_std"], row["kid"] * _KID_SCALE,
+                 row["kid_std"] * _KID_SCALE, row["copy_fraction"])
+  rng = np.random.default_rng([config.seed, COPY_STREAM])
+  copies = [evaluator.measure(targets[rng.integers(0, len(targets), ec.num_samples)], config)
+            for _ in range(ec.num_draws)]
+  rows.append((None, "copy_machine", {**_summarize(copies), "nfe": 0}))
+  rows.append((None, "data_floor", _floor_row(evaluator, floor, config)))
+  labels = {name: (method.label if method else name.replace("_", " "))
+            for method, name, _ in rows}
+  for _, name, row in rows:
+    results.update({f"{k}_{name}": v for k, v in row.items()})
 
-  for name in ec.methods:
-    method = parse_method(name, config, schedule.num_steps)
-    arrays, path, cached = samples(method, ot_map, dc.switch_index, f"samples-{_key(method.name)}",
-                                   model=model_fp, ot=ot_fp if method.dpmot else None,
-                                   switch=dc.switch_index if method.dpmot else None)
-    sample_paths[method.name] = path
-    row = measure(arrays["images"])
-    row["nfe"], row["seconds"] = int(arrays["nfe"]), float(arrays["seconds"])
-    rows.append((method.name, row))
-    common.save_image_grid(arrays["images"][:100],
-                           os.path.join(workdir, f"samples_{_key(method.name)}.png"),
-                           f"{method.name} ({row['nfe']} NFE)")
-    logging.info("%s: NFE %d, FID %.3f, copies %.3f, %.1f s%s", method.name, row["nfe"], row["fid"],
-                 row["copy_fraction"], row["seconds"], f" (cached samples {path})" if cached else "")
-    results.update({f"{k}_{_key(method.name)}": v for k, v in row.items()})
+  table = comparison_table([(labels[name], row) for _, name, row in rows],
+                           _caption(config, evaluator, len(targets), len(floor)))
+  verdict_table, verdict_keys = _verdicts(rows)
+  results.update(verdict_keys)
+  for path, text in (("comparison.md", table), ("verdicts.md", verdict_table)):
+    with common.atomic_path(os.path.join(workdir, path)) as tmp:
+      with open(tmp, "w") as f:
+        f.write(text)
+  logging.info("\n%s\n%s", table, verdict_table)
 
-  # The floor's memorization is meaningless when the floor images are the targets themselves.
-  same_images = _split_name(config, ec.floor_split) == _split_name(config, dc.target_split)
-  floor = measure(floor_set.images, with_memorization=not same_images)
-  floor["nfe"] = 0
-  rows.append((f"data floor ({ec.floor_split})", floor))
-  results.update({f"{k}_data_floor": v for k, v in floor.items() if k != "nfe"})
-  if evaluator.probs is not None:
-    results["mmr_lambdas"] = list(ec.mmr_sweep)
-    for name, path in sample_paths.items():
-      with np.load(path) as stored:
-        results[f"mmr_sweep_{_key(name)}"] = metrics.mmr_sweep(evaluator.probs(stored["images"]), ec.mmr_sweep)
-
-  table = comparison_table(rows, evaluator.feature_name, ec.num_samples)
-  with common.atomic_path(os.path.join(workdir, "comparison.md")) as tmp:
-    with open(tmp, "w") as f:
-      f.write(table)
-  logging.info("\n%s", table)
-
-  if dc.switch_sweep:
-    results.update(_sweep(config, expressway, samples, measure, evaluator.feature_name, workdir,
-                          floor["fid"]))
+  if ec.solver_error_samples:
+    results.update(_solver_errors(config, network, methods, spacings, image_shape, workdir))
+  _figures(rows, labels, evaluator.feature_name, workdir)
   results["seconds"] = watch.seconds()
   return results
 
 
-def _sweep(config, expressway, samples, measure, feature_name: str, workdir: str,
-           floor_fid: float) -> dict:
-  """FID vs memorization of DPM-OT at fixed NFE over switch indices M (plot, with the data
-  floor's FID, + keys); `expressway`, `samples` and `measure` are `run`'s stages."""
-  dc = config.dpmot
-  fids, copies, ratios = [], [], []
-  for m in dc.switch_sweep:
-    # At the run's own switch step the main potential (same latents, its iterations) is reused.
-    iterations = dc.ot.num_iterations if m == dc.switch_index else dc.sweep_ot_iterations
-    ot_map, diag, _, ot_fp = expressway(m, iterations)
-    method = Method(f"DPM-OT-{dc.sweep_num_steps}@{m}", dc.sampler, dc.sweep_num_steps, True,
-                    _dpmot_sampler_kwargs(dc))
-    arrays, _, _ = samples(method, ot_map, m, f"sweep-{m}", ot=ot_fp)
-    row = measure(arrays["images"])
-    fids.append(row["fid"])
-    copies.append(row["copy_fraction"])
-    ratios.append(row["nn_distance_ratio"])
-    logging.info("sweep M=%d: FID %.3f, copies %.3f, NN ratio %.3f (OT chi2 %.2e)", m, row["fid"],
-                 row["copy_fraction"], row["nn_distance_ratio"], diag.get("chi2_error", float("nan")))
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+def _solver_errors(config, network, methods: list[Method], spacings: dict, image_shape,
+                   workdir: str) -> dict[str, float]:
+  """RMS distance (pixels on [−1, 1]) of each deterministic sampler's output to an adaptive
+  PF-ODE solution (rtol = atol = evaluation.solver_error_rtol) from the same x_T, at the
+  same end time t = 1/N (index 0; DDIM's x̂_0 there is compared as it is)."""
+  ec = config.evaluation
+  num = int(ec.solver_error_samples)
+  key = _key(config, SOLVER_ERROR_STREAM)
+  options = flow.SolverOptions(rtol=ec.solver_error_rtol, atol=ec.solver_error_rtol,
+                               max_steps=16384)
+  reference = samplers.sample_images(network, key, num, image_shape, "pf_ode", None, num,
+                                     options=options)
+  out = {"solver_error_reference_nfe": reference.nfe}
+  lines = ["| method | NFE | RMS to the ODE solution |", "|---|---:|---:|"]
+  for method in methods:
+    if method.family not in FAMILIES:
+      continue
+    kwargs = dict(method.kwargs, spacing=spacings[method.name])
+    result = samplers.sample_images(network, key, num, image_shape, method.sampler,
+                                    method.num_steps, num, **kwargs)
+    error = float(np.sqrt(np.mean((result.images - reference.images) ** 2)))
+    out[f"solver_error_{method.name}"] = error
+    lines.append(f"| {method.label} | {result.nfe} | {error:.4f} |")
+  text = (f"RMS distance to the PF-ODE solution (adaptive, rtol {ec.solver_error_rtol:g}, "
+          f"{reference.nfe} NFE) from the same {num} x_T.\n\n" + "\n".join(lines) + "\n")
+  with common.atomic_path(os.path.join(workdir, "solver_error.md")) as tmp:
+    with open(tmp, "w") as f:
+      f.write(text)
+  logging.info("\n%s", text)
+  return out
 
-  fig = Figure(figsize=(5.5, 4))
-  ax = fig.subplots()
-  ax.plot(ratios, fids, "o-")
-  for m, x, y in zip(dc.switch_sweep, ratios, fids):
-    ax.annotate(f"M={m}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-  ax.axvline(1.0, color="k", ls=":", lw=0.8)
-  ax.axhline(floor_fid, color="tab:gray", ls="--", lw=0.8, label="data floor (held-out images)")
-  ax.legend(loc="upper left", fontsize=8)
-  ax.set_xlabel("median nearest-target distance / held-out's (→ 0: copies)")
-  ax.set_ylabel(f"FID ({feature_name} features)")
-  ax.set_title(f"DPM-OT at {dc.sweep_num_steps} NFE: switch step M")
-  common.save_figure(fig, os.path.join(workdir, "fid_vs_memorization.png"))
-  return {"sweep_switch_indices": list(dc.switch_sweep), "sweep_fid": fids, "sweep_copy_fraction": copies,
-          "sweep_nn_distance_ratio": ratios}
+
+def _figures(rows, labels: dict[str, str], feature_name: str, workdir: str) -> None:
+  """fid_vs_nfe.png (every sampler family over NFE, DPM-OT per switch step, controls as
+  bands, memorization beside it) and fid_vs_memorization.png (the DPM-OT rows)."""
+  curves: dict[str, list[tuple[int, float, float, float]]] = {}
+  dpm_ot = []
+  for method, name, row in rows:
+    if method is None:
+      continue
+    point = (row["nfe"], row["fid"], row["fid_std"], row["nn_distance_ratio"])
+    if method.family == "dpm_ot":
+      dpm_ot.append((method.switch_index, *point, row["copy_fraction"]))
+    else:
+      curves.setdefault(FAMILIES.get(method.family, (method.label,))[0], []).append(point)
+  controls = {labels[name]: (row["fid"], row["fid_std"]) for method, name, row in rows
+              if method is None}
+  common.save_figure(plotting.fid_vs_nfe_figure(curves, dpm_ot, controls, feature_name),
+                     os.path.join(workdir, "fid_vs_nfe.png"))
+  if dpm_ot:
+    common.save_figure(plotting.fid_vs_memorization_figure(dpm_ot, controls, feature_name),
+                       os.path.join(workdir, "fid_vs_memorization.png"))
