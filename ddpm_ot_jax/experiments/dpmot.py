@@ -54,7 +54,9 @@ Results keys (numbers or lists of numbers): params, train_steps, imported_weight
 train_seconds, num_samples, num_draws, num_targets, classifier_accuracy (classifier
 features), per switch step M: ot_<diag>_m<M>, switch_alpha_bar_m<M>,
 switch_noise_to_signal_m<M>; per row r (methods, copy_machine, data_floor) and metric:
-<metric>_<r> (mean), <metric>_<r>_std, <metric>_<r>_draws; nfe_<r>; spacing_<method> (index
+<metric>_<r> (mean), <metric>_<r>_std, <metric>_<r>_draws (metric: fid, kid, precision,
+recall, copy_fraction, nn_distance_ratio; with the classifier also mmr, recognized_fraction
+and mmr_lambdaXXX, the MMR at λ = XXX/100 for λ in evaluation.mmr_sweep); nfe_<r>; spacing_<method> (index
 into SPACINGS) and tuning_fid_<method>_<spacing>; verdict_<metric>_<a>_vs_<b> (+1 a better,
 −1 worse, 0 tied); solver_error_<method>; seconds.
 """
@@ -437,8 +439,8 @@ class Evaluator:
       probs = self.probs(images)
       out["mmr"] = metrics.mode_mixture_ratio(probs, ec.mmr_lambda)
       out["recognized_fraction"] = metrics.recognized_fraction(probs)
-      out.update({f"mmr_{lam:g}": v for lam, v in zip(ec.mmr_sweep,
-                                                       metrics.mmr_sweep(probs, ec.mmr_sweep))})
+      out.update({f"mmr_lambda{round(100 * lam):03d}": v  # λ in hundredths: mmr_lambda011
+                  for lam, v in zip(ec.mmr_sweep, metrics.mmr_sweep(probs, ec.mmr_sweep))})
     mem = metrics.memorization(images, self.targets, self.novelty)
     out["copy_fraction"] = mem["copy_fraction"]
     out["nn_distance_ratio"] = mem["nn_distance_ratio"]
@@ -508,6 +510,14 @@ def _floor_row(evaluator: Evaluator, floor: np.ndarray, config) -> dict[str, Any
   return out
 
 
+def _results_key(key: str, row_name: str) -> str:
+  """A row's 'fid' / 'fid_std' / 'fid_draws' → 'fid_<row>' / 'fid_<row>_std' / 'fid_<row>_draws'."""
+  for suffix in ("_std", "_draws"):
+    if key.endswith(suffix):
+      return f"{key[:-len(suffix)]}_{row_name}{suffix}"
+  return f"{key}_{row_name}"
+
+
 def _cell(row: dict, key: str, fmt: str) -> str:
   if key not in row:
     return "–"
@@ -557,7 +567,8 @@ def _verdicts(rows: list[tuple[Method | None, str, dict]]) -> tuple[str, dict[st
   for method, name, row in rows:
     if method is not None and method.family == "dpm_ot":
       pairs += [(name, other) for m, other, r in rows
-                if m is not None and other != name and r["nfe"] == row["nfe"]]
+                if m is not None and other != name and r["nfe"] == row["nfe"]
+                and (other, name) not in pairs]
     if name not in ("copy_machine", "data_floor"):
       pairs += [(name, "copy_machine"), (name, "data_floor")]
   words = {1: "better", -1: "worse", 0: "tied"}
@@ -702,7 +713,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   labels = {name: (method.label if method else name.replace("_", " "))
             for method, name, _ in rows}
   for _, name, row in rows:
-    results.update({f"{k}_{name}": v for k, v in row.items()})
+    results.update({_results_key(k, name): v for k, v in row.items()})
 
   table = comparison_table([(labels[name], row) for _, name, row in rows],
                            _caption(config, evaluator, len(targets), len(floor)))
