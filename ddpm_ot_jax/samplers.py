@@ -368,19 +368,52 @@ def ddpm_ancestral(
 
 
 # ----------------------------------------------------------------------------------------
-# DDIM (Song, Meng & Ermon 2021) and DDIM inversion.
+# Time grids of the few-step samplers (DDIM, DPM-Solver, UniPC).
 # ----------------------------------------------------------------------------------------
 
 
-def ddim_indices(num_steps: int, start_index: Array, end_index: Array) -> Array:
-  """The DDIM grid τ: `num_steps` indices uniform from start_index to end_index (inclusive).
+SPACINGS = ("logSNR", "time_uniform", "time_quadratic")  # time grids of the few-step samplers
 
-  Fractional when (start − end)/(num_steps − 1) is not an integer: the network is then
-  called at fractional steps and ᾱ is read from the interpolated view.
+
+def _check_spacing(spacing: str):
+  if spacing not in SPACINGS:
+    raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}.")
+
+
+def step_indices(view: NoiseSchedule, num_points: int, start_index: Array, end_index: Array,
+                 spacing: str) -> Array:
+  """`num_points` step indices from start_index to end_index (both included): the time grid of
+  `ddim` (its network calls), `dpm_solver` and `unipc` (their times t = (i + 1)/N · t_max).
+
+  Spaced uniformly in
+    'logSNR':         λ = log(α/σ) (Lu et al.'s 'logSNR'; the default of dpm_solver and unipc);
+    'time_uniform':   t, i.e. in i (t is affine in i): jnp.linspace(start_index, end_index,
+                      num_points), the DDIM paper's 'linear' τ (the default of ddim);
+    'time_quadratic': √t: t_k = (√t_start + k (√t_end − √t_start)/(num_points − 1))², Lu et al.'s
+                      'time_quadratic' (t_order = 2; dense near the data, like the DDIM paper's
+                      'quadratic' τ_k ∝ k²).
+  The endpoints are exactly start_index and end_index (num_points = 1 gives [start_index]).
+  Indices are fractional in general: the network is then called at fractional steps and ᾱ is
+  read from the view.
   """
-  if num_steps == 1:
+  _check_spacing(spacing)
+  if num_points == 1:
     return jnp.reshape(jnp.asarray(start_index, jnp.result_type(float)), (1,))
-  return jnp.linspace(start_index, end_index, num_steps)
+  if spacing == "time_uniform":
+    return jnp.linspace(start_index, end_index, num_points)
+  t_start, t_end = time_of_index(view, start_index), time_of_index(view, end_index)
+  if spacing == "logSNR":
+    lam = jnp.linspace(half_log_snr(view, t_start), half_log_snr(view, t_end), num_points)
+    t = time_of_half_log_snr(view, lam)
+  else:  # time_quadratic
+    t = jnp.linspace(jnp.sqrt(t_start), jnp.sqrt(t_end), num_points) ** 2
+  return index_of_time(view, t).at[0].set(start_index).at[-1].set(end_index)
+
+
+
+# ----------------------------------------------------------------------------------------
+# DDIM (Song, Meng & Ermon 2021) and DDIM inversion.
+# ----------------------------------------------------------------------------------------
 
 
 def _ddim_step(x: Array, eps: Array, log_alpha: Array, sigma: Array, log_alpha_next: Array,
@@ -391,9 +424,9 @@ def _ddim_step(x: Array, eps: Array, log_alpha: Array, sigma: Array, log_alpha_n
   return _bcast(jnp.exp(log_alpha_next), x) * x0 + _bcast(dir_coeff, x) * eps
 
 
-@functools.partial(jax.jit, static_argnames=("view", "num_steps", "eta"))
-def _ddim_loop(eps_fn, x, key, view, num_steps, eta, start_index, end_index):
-  index = ddim_indices(num_steps, start_index, end_index)
+@functools.partial(jax.jit, static_argnames=("view", "num_steps", "eta", "spacing"))
+def _ddim_loop(eps_fn, x, key, view, num_steps, eta, spacing, start_index, end_index):
+  index = step_indices(view, num_steps, start_index, end_index, spacing)
   log_alpha = view.log_alpha(time_of_index(view, index))
   # The level after each step: the next grid point, and the data (ᾱ = 1) after the last.
   log_alpha_next = jnp.concatenate([log_alpha[1:], jnp.zeros(1, log_alpha.dtype)])
@@ -428,11 +461,13 @@ def ddim(
     key: Array | None = None,
     start_index: float | None = None,
     end_index: float = 0.0,
+    spacing: str = "time_uniform",
 ) -> SampleResult:
   """DDIM with `num_steps` network calls from x at step `start_index` (default N − 1).
 
-  The network is called at τ_1 > … > τ_S, uniform from start_index to end_index
-  (`ddim_indices`; the DDIM paper's 'linear' spacing). Each step (Eq. 12 of Song et al. 2021)
+  The network is called at τ_1 > … > τ_S from start_index to end_index (both included), spaced
+  by `spacing` (`step_indices`; default 'time_uniform', the DDIM paper's 'linear' τ). Each step
+  (Eq. 12 of Song et al. 2021)
 
       x̂_0 = (x_τ − σ_τ ε̂)/α_τ,
       x_next = α_next x̂_0 + √(1 − ᾱ_next − s²) ε̂ + s z,   s = σ_τ(η) of Eq. 16,
@@ -444,6 +479,7 @@ def ddim(
   its noise from `jax.random.split(key, num_steps)[k]`.
   """
   _check_steps(num_steps)
+  _check_spacing(spacing)
   view = noise_schedule(schedule)
   start_index = _default_start(view, start_index)
   eta = float(eta)
@@ -454,14 +490,14 @@ def ddim(
   if key is None:
     key = jax.random.key(0)  # unused when eta == 0
   x, nfe = _ddim_loop(
-      _as_pytree(eps_fn), x_start, key, view, num_steps, eta, start_index, end_index)
+      _as_pytree(eps_fn), x_start, key, view, num_steps, eta, spacing, start_index, end_index)
   return _finish(x, nfe)
 
 
 @functools.partial(jax.jit, static_argnames=("view", "num_steps"))
 def _ddim_invert_loop(eps_fn, x, view, num_steps, start_index, end_index):
   # The decoder's grid (ddim from end_index to start_index), reversed: increasing.
-  index = ddim_indices(num_steps, end_index, start_index)[::-1]
+  index = step_indices(view, num_steps, end_index, start_index, "time_uniform")[::-1]
   log_alpha = view.log_alpha(time_of_index(view, index))
   # Step k goes from level k−1 (the data for k = 0) to grid point k, calling the network
   # at level k−1 (at grid point 0 with the data as input for k = 0).
@@ -513,28 +549,19 @@ def ddim_invert(
 # ----------------------------------------------------------------------------------------
 
 
-def dpm_solver_times(
-    view: NoiseSchedule, num_steps: int, t_start: Array, t_end: Array, skip_type: str = "logSNR"
-) -> Array:
-  """num_steps + 1 times from t_start to t_end: uniform in λ ('logSNR') or in t ('time_uniform')."""
-  if skip_type == "logSNR":
-    lam = jnp.linspace(half_log_snr(view, t_start), half_log_snr(view, t_end), num_steps + 1)
-    return time_of_half_log_snr(view, lam)
-  if skip_type == "time_uniform":
-    return jnp.linspace(t_start, t_end, num_steps + 1)
-  raise ValueError(f"skip_type must be 'logSNR' or 'time_uniform', got {skip_type!r}.")
-
-
-def dpm_solver_orders(num_steps: int, order: int, lower_order_final: bool = True) -> list[int]:
+def dpm_solver_orders(num_steps: int, order: int, lower_order_final: bool = True,
+                      lower_final_below: int | None = 10) -> list[int]:
   """The order of each of the num_steps multistep updates (Lu et al.'s reference code).
 
   Warm-up: step k (1-based) uses order min(order, k), as only k model values exist. With
-  `lower_order_final` and num_steps < 10 the last steps drop to min(order, num_steps + 1 − k).
+  `lower_order_final` and num_steps < lower_final_below the last steps drop to
+  min(order, num_steps + 1 − k); lower_final_below=None drops them at every num_steps (UniPC:
+  Zhao et al.'s reference code and diffusers' UniPCMultistepScheduler).
   """
   orders = []
   for k in range(1, num_steps + 1):
     o = min(order, k)
-    if lower_order_final and num_steps < 10:
+    if lower_order_final and (lower_final_below is None or num_steps < lower_final_below):
       o = min(o, num_steps + 1 - k)
     orders.append(o)
   return orders
@@ -593,25 +620,33 @@ def _multistep_update(variant, solver_type, order, x, models, lams, lam_t, log_a
   return base + _bcast(a / r0, x) * (m0 - m1) + _bcast(b / r1, x) * (m1 - m2)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("view", "num_steps", "orders", "variant", "solver_type",
-                              "skip_type", "denoise_to_zero"))
-def _dpm_solver_loop(eps_fn, x, view, num_steps, orders, variant, solver_type, skip_type,
-                     denoise_to_zero, start_index, end_index):
-  ts = dpm_solver_times(view, num_steps, time_of_index(view, start_index),
-                        time_of_index(view, end_index), skip_type)
+def _multistep_solve(eps_fn, x, view, num_steps, orders, spacing, start_index, end_index,
+                     data_prediction, update, correct=None):
+  """The multistep loop of `dpm_solver` and `unipc` (traced inside their jitted loops).
+
+  On the grid t_0 = t(start_index) > … > t_S = t(end_index) (`step_indices` with `spacing`),
+  with the model value m = x̂_0 = (x − σ ε̂)/α (`data_prediction`) or ε̂, step k = 1..S runs
+
+      x̃_k = update(p_k, x_{k−1}, models, lams, λ_k, log α_k, σ_k, log α_{k−1}, σ_{k−1}),
+      m_k = m(x̃_k, t_k),    x_k = correct(…the same arguments…, m_k)  (x̃_k without `correct`),
+
+  where p_k = orders[k − 1] and `models`/`lams` hold the last three model values and their λ
+  (newest, at t_{k−1}, last). One network call at t_0 and one per step but the last, whose
+  update is not corrected and whose model value is never needed: NFE = S.
+  Returns (x_S, nfe, t, log α, σ) with the grid's arrays.
+  """
+  ts = time_of_index(view, step_indices(view, num_steps + 1, start_index, end_index, spacing))
   log_alpha, sigma = log_alpha_std(view, ts)
   lam = log_alpha - jnp.log(sigma)
 
   def model(x, k):
     eps = _call_eps(eps_fn, x, index_of_time(view, ts[k]))
-    if variant == "dpmsolver++":
+    if data_prediction:
       return (x - _bcast(sigma[k], x) * eps) * _bcast(jnp.exp(-log_alpha[k]), x)
     return eps
 
-  def update(x, models, lams, k, order):
-    return _multistep_update(variant, solver_type, order, x, models, lams, lam[k],
-                             log_alpha[k], sigma[k], log_alpha[k - 1], sigma[k - 1])
+  def levels(k):  # the arguments of step k after (order, x, models, lams)
+    return lam[k], log_alpha[k], sigma[k], log_alpha[k - 1], sigma[k - 1]
 
   m = model(x, 0)
   models = jnp.stack([m, m, m])  # newest last; unused slots are never read
@@ -621,16 +656,31 @@ def _dpm_solver_loop(eps_fn, x, view, num_steps, orders, variant, solver_type, s
 
   def step(carry, k):
     x, models, lams, nfe = carry
-    x = update(x, models, lams, k, order_array[k - 1])
-    m = model(x, k)
+    order = order_array[k - 1]
+    x_next = update(order, x, models, lams, *levels(k))
+    m = model(x_next, k)
+    if correct is not None:  # reuses m, the model value at the predicted point
+      x_next = correct(order, x, models, lams, *levels(k), m)
     models = jnp.concatenate([models[1:], m[None]])
     lams = jnp.concatenate([lams[1:], lam[k][None]])
-    return (x, models, lams, nfe + 1), None
+    return (x_next, models, lams, nfe + 1), None
 
   if num_steps > 1:
     (x, models, lams, nfe), _ = jax.lax.scan(
         step, (x, models, lams, nfe), jnp.arange(1, num_steps))
-  x = update(x, models, lams, num_steps, orders[-1])  # no model call after the last step
+  x = update(orders[-1], x, models, lams, *levels(num_steps))  # no model call after it
+  return x, nfe, ts, log_alpha, sigma
+
+
+@functools.partial(
+    jax.jit, static_argnames=("view", "num_steps", "orders", "variant", "solver_type",
+                              "spacing", "denoise_to_zero"))
+def _dpm_solver_loop(eps_fn, x, view, num_steps, orders, variant, solver_type, spacing,
+                     denoise_to_zero, start_index, end_index):
+  update = functools.partial(_multistep_update, variant, solver_type)
+  x, nfe, ts, log_alpha, sigma = _multistep_solve(
+      eps_fn, x, view, num_steps, orders, spacing, start_index, end_index,
+      variant == "dpmsolver++", update)
   if denoise_to_zero:  # x̂_0 = (x − σ ε̂)/α at the end time
     eps = _call_eps(eps_fn, x, index_of_time(view, ts[-1]))
     x = (x - _bcast(sigma[-1], x) * eps) * _bcast(jnp.exp(-log_alpha[-1]), x)
@@ -647,7 +697,7 @@ def dpm_solver(
     variant: str = "dpmsolver++",
     start_index: float | None = None,
     end_index: float = 0.0,
-    skip_type: str = "logSNR",
+    spacing: str = "logSNR",
     lower_order_final: bool = True,
     denoise_to_zero: bool = False,
     solver_type: str = "dpmsolver",
@@ -658,8 +708,9 @@ def dpm_solver(
   e.g. for data prediction x_t = (σ_t/σ_s) x_s + σ_t ∫ e^{λ} x̂_0(x_λ, λ) dλ, with the
   integrand replaced by its Taylor/divided-difference expansion through the last `order`
   model values (`_multistep_update`). Times t_0 = t(start_index) > … > t_S = t(end_index)
-  are uniform in λ ('logSNR', default) or in t; the view interpolates log α of the discrete
-  schedule (NoiseScheduleVP 'discrete'), and the network is called at index t·N − 1.
+  are spaced by `spacing` (`step_indices`: uniform in λ, 'logSNR', default; in t; or in √t);
+  the view interpolates log α of the discrete schedule (NoiseScheduleVP 'discrete'), and the
+  network is called at index t·N − 1.
   Warm-up with lower orders and lower-order final steps as in `dpm_solver_orders`.
   `solver_type` 'dpmsolver' (default) is Lu et al.'s reference code; 'taylor' uses the
   exact Taylor coefficients, which makes order 3 third-order consistent (see
@@ -672,15 +723,14 @@ def dpm_solver(
     raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order!r}.")
   if variant not in DPM_SOLVER_VARIANTS:
     raise ValueError(f"variant must be 'dpmsolver++' or 'dpmsolver', got {variant!r}.")
-  if skip_type not in ("logSNR", "time_uniform"):
-    raise ValueError(f"skip_type must be 'logSNR' or 'time_uniform', got {skip_type!r}.")
+  _check_spacing(spacing)
   if solver_type not in ("dpmsolver", "taylor"):
     raise ValueError(f"solver_type must be 'dpmsolver' or 'taylor', got {solver_type!r}.")
   view = noise_schedule(schedule)
   start_index = _default_start(view, start_index)
   orders = tuple(dpm_solver_orders(num_steps, order, lower_order_final))
   x, nfe = _dpm_solver_loop(_as_pytree(eps_fn), x_start, view, num_steps, orders, variant,
-                            solver_type, skip_type, bool(denoise_to_zero), start_index,
+                            solver_type, spacing, bool(denoise_to_zero), start_index,
                             end_index)
   return _finish(x, nfe)
 
@@ -845,8 +895,8 @@ def sample(
 
   'ddpm' runs every step from start_index (num_steps must be None or start_index + 1);
   'ddim' and 'dpm_solver' use num_steps network calls; 'pf_ode' is adaptive (options).
-  Extra keyword arguments go to the sampler (ddpm: variance; ddim: eta, end_index;
-  dpm_solver: order, variant, skip_type, denoise_to_zero, ...; pf_ode: end_index, ...).
+  Extra keyword arguments go to the sampler (ddpm: variance; ddim: eta, end_index, spacing;
+  dpm_solver: order, variant, spacing, denoise_to_zero, ...; pf_ode: end_index, ...).
   """
   view = noise_schedule(schedule)
   start = _default_start(view, start_index)
@@ -982,7 +1032,7 @@ def sample_images(network: Network, key: Array, num_images: int, image_shape: tu
   Chunk k of `batch_size` draws x_T with fold_in(key, k) and runs split along the 'data' axis
   of network.mesh (padded to a multiple of the device count, `shard_rows`); class-conditional
   models get labels 0, 1, …, K−1, 0, … in order. 'ddpm' takes every step (num_steps is not
-  used); kwargs go to the sampler (ddim: eta; dpm_solver: order, variant, skip_type, ...).
+  used); kwargs go to the sampler (ddim: eta; dpm_solver: order, variant, spacing, ...).
   """
   if sampler == "ddpm":
     num_steps = None  # ancestral sampling takes all N steps

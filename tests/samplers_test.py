@@ -279,7 +279,7 @@ class IdentityTest(SamplerTestCase):
     ddim = self.counted(eps_fn, lambda: samplers.ddim(eps_fn, DS, x, 12), 12)
     for variant in ("dpmsolver++", "dpmsolver"):
       dpm = self.counted(eps_fn, lambda: samplers.dpm_solver(
-          eps_fn, DS, x, 11, order=1, variant=variant, skip_type="time_uniform",
+          eps_fn, DS, x, 11, order=1, variant=variant, spacing="time_uniform",
           denoise_to_zero=True), 12)
       np.testing.assert_allclose(dpm.x, ddim.x, atol=1e-10)
 
@@ -376,6 +376,62 @@ class IdentityTest(SamplerTestCase):
       samplers.ddpm_ancestral(eps_fn, DS, x, jax.random.key(0), start_index=1000)
     with self.assertRaisesRegex(ValueError, "max_steps"):
       samplers.pf_ode(eps_fn, DS, x + 1.0, flow.SolverOptions(rtol=1e-9, atol=1e-9, max_steps=4))
+
+
+class SpacingTest(SamplerTestCase):
+
+  def test_spacings_have_exact_endpoints_and_equal_increments(self):
+    """step_indices for every spacing, on the discrete view and the linear-SDE view, from an
+    integer and a fractional start: exact endpoints, strictly decreasing, and equal increments
+    of the spaced variable (λ for 'logSNR', √t for 'time_quadratic', i for 'time_uniform') to
+    1e-9 of a step; 'time_quadratic' is Lu et al.'s (√t_start + k (√t_end − √t_start)/S)²."""
+    views = (VIEW, samplers.ContinuousTimeSchedule(DS.continuous_schedule(), DS.num_steps))
+    spaced = {
+        "logSNR": samplers.half_log_snr,
+        "time_uniform": lambda view, t: samplers.index_of_time(view, t),
+        "time_quadratic": lambda view, t: jnp.sqrt(t),
+    }
+    self.assertEqual(set(spaced), set(samplers.SPACINGS))
+    for view in views:
+      for start, end, points in ((999, 0, 11), (600.5, 3.0, 6)):
+        for spacing, variable in spaced.items():
+          index = samplers.step_indices(view, points, start, end, spacing)
+          self.assertEqual(index.shape, (points,))
+          self.assertEqual(float(index[0]), start)
+          self.assertEqual(float(index[-1]), end)
+          self.assertTrue(bool(jnp.all(jnp.diff(index) < 0)), (spacing, start))
+          increments = jnp.diff(variable(view, samplers.time_of_index(view, index)))
+          np.testing.assert_allclose(increments, increments[0], rtol=1e-9,
+                                     err_msg=f"{spacing} {start}")
+        t0, t1 = samplers.time_of_index(view, start), samplers.time_of_index(view, end)
+        quadratic = (jnp.sqrt(t0) + jnp.arange(points) / (points - 1)
+                     * (jnp.sqrt(t1) - jnp.sqrt(t0))) ** 2
+        np.testing.assert_allclose(
+            samplers.time_of_index(view, samplers.step_indices(
+                view, points, start, end, "time_quadratic")), quadratic, rtol=1e-12)
+    self.assertEqual(samplers.step_indices(VIEW, 1, 500, 0, "logSNR").tolist(), [500.0])
+    with self.assertRaisesRegex(ValueError, "spacing"):
+      samplers.step_indices(VIEW, 5, 999, 0, "quadratic")
+
+  def test_ddim_spacing(self):
+    """DDIM's default grid, spacing='time_uniform', is jnp.linspace(start, end, S) to the bit
+    (the grid DDIM used before spacings existed: its results are unchanged) and gives the
+    default's samples to the bit; 'logSNR' and 'time_quadratic' call the network S times at
+    their own grids and give other samples."""
+    _, _, eps_fn = gaussian_problem()
+    x = jax.random.normal(jax.random.key(50), (32, 4))
+    for start, end, steps in ((999, 0, 10), (600.5, 3, 7), (999, 0, 1)):
+      np.testing.assert_array_equal(
+          samplers.step_indices(VIEW, steps, start, end, "time_uniform"),
+          jnp.linspace(start, end, steps))
+    default = samplers.ddim(eps_fn, DS, x, 10)
+    uniform = self.counted(eps_fn, lambda: samplers.ddim(eps_fn, DS, x, 10,
+                                                        spacing="time_uniform"), 10)
+    np.testing.assert_array_equal(uniform.x, default.x)
+    for spacing in ("logSNR", "time_quadratic"):
+      other = self.counted(eps_fn, lambda: samplers.sample(
+          "ddim", eps_fn, DS, x, num_steps=10, spacing=spacing), 10)
+      self.assertGreater(rms(other.x, default.x), 1e-3, spacing)
 
 
 _SHARDED_SCRIPT = textwrap.dedent("""
