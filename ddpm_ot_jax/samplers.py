@@ -1,9 +1,14 @@
-"""Samplers for ε-prediction diffusion models: DDPM, DDIM, DPM-Solver(++), the PF-ODE, DPM-OT.
+"""Samplers for ε-prediction diffusion models: DDPM, DDIM, DPM-Solver(++), UniPC, the PF-ODE,
+DPM-OT.
 
 Algorithms on an ε-predictor (`eps_fn`, below): `ddpm_ancestral` (Ho et al. 2020, Alg. 2),
 `ddim` and `ddim_invert` (Song et al. 2021, Eq. 12), `dpm_solver` (Lu et al. 2022a/b,
-multistep orders 1–3, noise or data prediction), `pf_ode` / `ode_encode` (the probability-flow
-ODE, Eq. 6 of Khrulkov et al., with diffrax), dispatched by name through `sample`.
+multistep orders 1–3, noise or data prediction), `unipc` (Zhao et al. 2023, multistep UniP
+predictor + UniC corrector, orders 1–3, data prediction, B(h) 'bh1'/'bh2'), `pf_ode` /
+`ode_encode` (the probability-flow ODE, Eq. 6 of Khrulkov et al., with diffrax), dispatched by
+name through `sample`. The few-step samplers (ddim, dpm_solver, unipc) take their time grid
+from `step_indices`: `spacing` 'logSNR' (uniform in λ = log α/σ), 'time_uniform' or
+'time_quadratic' (uniform in √t).
 Many images from a trained network (`Network`), in chunks split over devices:
 `sample_images` (from x_T ~ N(0, I)) and `dpm_ot` (Li et al. 2023, Sec. 3.2: z ~ μ,
 x_M = T_g(z) = x_M^{j(z)} with j(z) = argmax_j g_j − ‖z − x_M^j‖², then M reverse steps).
@@ -548,6 +553,10 @@ def ddim_invert(
 # Multistep DPM-Solver and DPM-Solver++ (Lu et al. 2022a, 2022b).
 # ----------------------------------------------------------------------------------------
 
+DPM_SOLVER_ORDERS = (1, 2, 3)  # multistep orders of `dpm_solver` (and of `unipc`)
+DPM_SOLVER_VARIANTS = ("dpmsolver++", "dpmsolver")  # data (x̂_0) or noise (ε) prediction
+UNIPC_VARIANTS = ("bh2", "bh1")  # UniPC's B(h) = e^h − 1 or h (data prediction, h → −h)
+
 
 def dpm_solver_orders(num_steps: int, order: int, lower_order_final: bool = True,
                       lower_final_below: int | None = 10) -> list[int]:
@@ -630,17 +639,18 @@ def _multistep_solve(eps_fn, x, view, num_steps, orders, spacing, start_index, e
       x̃_k = update(p_k, x_{k−1}, models, lams, λ_k, log α_k, σ_k, log α_{k−1}, σ_{k−1}),
       m_k = m(x̃_k, t_k),    x_k = correct(…the same arguments…, m_k)  (x̃_k without `correct`),
 
-  where p_k = orders[k − 1] and `models`/`lams` hold the last three model values and their λ
-  (newest, at t_{k−1}, last). One network call at t_0 and one per step but the last, whose
-  update is not corrected and whose model value is never needed: NFE = S.
-  Returns (x_S, nfe, t, log α, σ) with the grid's arrays.
+  where p_k = orders[k − 1] (an int32 array: the plan is traced, so one compiled loop serves
+  every order) and `models`/`lams` hold the last three model values and their λ (newest, at
+  t_{k−1}, last). The network is called at the grid's step indices: once at t_0 and once per
+  step but the last, whose update is not corrected and whose model value is never needed:
+  NFE = S. Returns (x_S, nfe, index, log α, σ) with the grid's arrays.
   """
-  ts = time_of_index(view, step_indices(view, num_steps + 1, start_index, end_index, spacing))
-  log_alpha, sigma = log_alpha_std(view, ts)
+  index = step_indices(view, num_steps + 1, start_index, end_index, spacing)
+  log_alpha, sigma = log_alpha_std(view, time_of_index(view, index))
   lam = log_alpha - jnp.log(sigma)
 
   def model(x, k):
-    eps = _call_eps(eps_fn, x, index_of_time(view, ts[k]))
+    eps = _call_eps(eps_fn, x, index[k])
     if data_prediction:
       return (x - _bcast(sigma[k], x) * eps) * _bcast(jnp.exp(-log_alpha[k]), x)
     return eps
@@ -652,11 +662,10 @@ def _multistep_solve(eps_fn, x, view, num_steps, orders, spacing, start_index, e
   models = jnp.stack([m, m, m])  # newest last; unused slots are never read
   lams = jnp.stack([lam[0], lam[0], lam[0]])
   nfe = jnp.ones((), jnp.int32)
-  order_array = jnp.asarray(orders, jnp.int32)
 
   def step(carry, k):
     x, models, lams, nfe = carry
-    order = order_array[k - 1]
+    order = orders[k - 1]
     x_next = update(order, x, models, lams, *levels(k))
     m = model(x_next, k)
     if correct is not None:  # reuses m, the model value at the predicted point
@@ -669,20 +678,33 @@ def _multistep_solve(eps_fn, x, view, num_steps, orders, spacing, start_index, e
     (x, models, lams, nfe), _ = jax.lax.scan(
         step, (x, models, lams, nfe), jnp.arange(1, num_steps))
   x = update(orders[-1], x, models, lams, *levels(num_steps))  # no model call after it
-  return x, nfe, ts, log_alpha, sigma
+  return x, nfe, index, log_alpha, sigma
+
+
+def _multistep_setup(name, schedule, num_steps, order, spacing, start_index, lower_order_final,
+                     lower_final_below):
+  """The checks and set-up shared by `dpm_solver` and `unipc`: (view, start_index, the order
+  plan of `dpm_solver_orders` as the int32 array the loop takes)."""
+  _check_steps(num_steps)
+  if order not in DPM_SOLVER_ORDERS:
+    raise ValueError(f"{name} order must be 1, 2 or 3, got {order!r}.")
+  _check_spacing(spacing)
+  view = noise_schedule(schedule)
+  orders = dpm_solver_orders(num_steps, order, lower_order_final, lower_final_below)
+  return view, _default_start(view, start_index), jnp.asarray(orders, jnp.int32)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("view", "num_steps", "orders", "variant", "solver_type",
-                              "spacing", "denoise_to_zero"))
+    jax.jit, static_argnames=("view", "num_steps", "variant", "solver_type", "spacing",
+                              "denoise_to_zero"))
 def _dpm_solver_loop(eps_fn, x, view, num_steps, orders, variant, solver_type, spacing,
                      denoise_to_zero, start_index, end_index):
   update = functools.partial(_multistep_update, variant, solver_type)
-  x, nfe, ts, log_alpha, sigma = _multistep_solve(
+  x, nfe, index, log_alpha, sigma = _multistep_solve(
       eps_fn, x, view, num_steps, orders, spacing, start_index, end_index,
       variant == "dpmsolver++", update)
   if denoise_to_zero:  # x̂_0 = (x − σ ε̂)/α at the end time
-    eps = _call_eps(eps_fn, x, index_of_time(view, ts[-1]))
+    eps = _call_eps(eps_fn, x, index[-1])
     x = (x - _bcast(sigma[-1], x) * eps) * _bcast(jnp.exp(-log_alpha[-1]), x)
     nfe = nfe + 1
   return x, nfe
@@ -718,20 +740,132 @@ def dpm_solver(
   The output is x at `end_index` (t = 1/N by default, Lu et al.'s t_ε for discrete models);
   `denoise_to_zero` adds one network call for x̂_0 there. NFE = num_steps (+1).
   """
-  _check_steps(num_steps)
-  if order not in DPM_SOLVER_ORDERS:
-    raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order!r}.")
   if variant not in DPM_SOLVER_VARIANTS:
     raise ValueError(f"variant must be 'dpmsolver++' or 'dpmsolver', got {variant!r}.")
-  _check_spacing(spacing)
   if solver_type not in ("dpmsolver", "taylor"):
     raise ValueError(f"solver_type must be 'dpmsolver' or 'taylor', got {solver_type!r}.")
-  view = noise_schedule(schedule)
-  start_index = _default_start(view, start_index)
-  orders = tuple(dpm_solver_orders(num_steps, order, lower_order_final))
+  view, start_index, orders = _multistep_setup(
+      "DPM-Solver", schedule, num_steps, order, spacing, start_index, lower_order_final, 10)
   x, nfe = _dpm_solver_loop(_as_pytree(eps_fn), x_start, view, num_steps, orders, variant,
                             solver_type, spacing, bool(denoise_to_zero), start_index,
                             end_index)
+  return _finish(x, nfe)
+
+
+# ----------------------------------------------------------------------------------------
+# Multistep UniPC (Zhao et al. 2023). Written here: no JAX library implements UniPC.
+# ----------------------------------------------------------------------------------------
+
+
+def _vandermonde_solve(nodes, rhs) -> list:
+  """ρ with Σ_i ρ_i c_i^j = rhs_j (j = 0..n − 1) for the n nodes c (distinct), by Lagrange:
+  ρ_i = Σ_j a_ij rhs_j / Π_{m≠i} (c_i − c_m), a_ij the coefficient of c^j in Π_{m≠i} (c − c_m).
+  """
+  rho = []
+  for i, c_i in enumerate(nodes):
+    coeffs, denominator = [1.0], 1.0  # Π_{m≠i} (c − c_m), lowest power first
+    for m, c_m in enumerate(nodes):
+      if m != i:
+        coeffs = [a - c_m * b for a, b in zip([0.0] + coeffs, coeffs + [0.0])]
+        denominator = denominator * (c_i - c_m)
+    rho.append(sum(a * r for a, r in zip(coeffs, rhs)) / denominator)
+  return rho
+
+
+def _unipc_update(variant, order, x, models, lams, lam_t, log_alpha_t, sigma_t, log_alpha_s,
+                  sigma_s, model_t=None):
+  """UniP-p from s to t (model_t None) or UniC-p at t (model_t: x̂_0 at the predicted point),
+  p = `order` in 1–3 (may be traced); the equations are in `unipc`'s docstring.
+
+  `models` (m_2, m_1, m_0) and `lams` (λ_2, λ_1, λ_0) hold the last three x̂_0 values and their
+  λ, newest (at s) last. One code path for all orders inside the scan: the weights of every
+  order are computed and `order` selects; unused nodes r_i get the harmless value −i.
+  """
+  del log_alpha_s  # data prediction needs σ_s only
+  m2, m1, m0 = models[0], models[1], models[2]
+  h = lam_t - lams[2]
+  z = -h
+  b_h = z if variant == "bh1" else jnp.expm1(z)
+  hphi = jnp.expm1(z)  # z φ_1(z) = e^z − 1
+  g = []
+  for factorial in (1.0, 2.0, 6.0):  # k! for k = 1, 2, 3
+    hphi = hphi / z - 1.0 / factorial  # z φ_{k+1}(z) = z φ_k(z)/z − 1/k!
+    g.append(factorial * hphi / b_h)  # g_k = k! z φ_{k+1}(z)/B(h)
+  r1 = jnp.where(order >= 2, (lams[1] - lams[2]) / h, -1.0)
+  r2 = jnp.where(order >= 3, (lams[0] - lams[2]) / h, -2.0)
+  # ρ_1, ρ_2 weigh D_1/r_1, D_2/r_2; ρ_t weighs the corrector's m_t − m_0 (node 1).
+  if model_t is None:  # UniP-p: nodes r_1..r_{p−1}; ρ = (½) for p = 2
+    p3 = _vandermonde_solve((r1, r2), g[:2])
+    rho_1 = jnp.where(order == 3, p3[0], jnp.where(order == 2, 0.5, 0.0))
+    rho_2 = jnp.where(order == 3, p3[1], 0.0)
+  else:  # UniC-p: nodes 1 (the new point t), r_1..r_{p−1}; ρ = (½) for p = 1
+    c2, c3 = _vandermonde_solve((1.0, r1), g[:2]), _vandermonde_solve((1.0, r1, r2), g)
+    rho_t = jnp.where(order == 1, 0.5, jnp.where(order == 2, c2[0], c3[0]))
+    rho_1 = jnp.where(order == 2, c2[1], jnp.where(order == 3, c3[1], 0.0))
+    rho_2 = jnp.where(order == 3, c3[2], 0.0)
+  scale = jnp.exp(log_alpha_t) * b_h
+  x_t = (_bcast(sigma_t / sigma_s, x) * x - _bcast(jnp.exp(log_alpha_t) * jnp.expm1(z), x) * m0
+         - _bcast(scale * rho_1 / r1, x) * (m1 - m0) - _bcast(scale * rho_2 / r2, x) * (m2 - m0))
+  if model_t is not None:
+    x_t = x_t - _bcast(scale * rho_t, x) * (model_t - m0)
+  return x_t
+
+
+@functools.partial(jax.jit, static_argnames=("view", "num_steps", "variant", "spacing"))
+def _unipc_loop(eps_fn, x, view, num_steps, orders, variant, spacing, start_index, end_index):
+  update = functools.partial(_unipc_update, variant)
+  x, nfe, *_ = _multistep_solve(eps_fn, x, view, num_steps, orders, spacing, start_index,
+                                end_index, True, update, correct=update)
+  return x, nfe
+
+
+def unipc(
+    eps_fn: EpsFn,
+    schedule: sde.DiscreteSchedule | NoiseSchedule,
+    x_start: Array,
+    num_steps: int,
+    order: int = 3,
+    variant: str = "bh2",
+    start_index: float | None = None,
+    end_index: float = 0.0,
+    spacing: str = "logSNR",
+    lower_order_final: bool = True,
+) -> SampleResult:
+  """Multistep UniPC (Zhao et al. 2023): UniP-p predictor and UniC-p corrector, order p in 1–3.
+
+  Data prediction, m(x, t) = x̂_0 = (x − σ_t ε̂(x, t))/α_t (UniPC's default), on the times
+  t_0 = t(start_index) > … > t_S = t(end_index) spaced by `spacing` (`step_indices`),
+  λ = log(α/σ). Step k goes from s = t_{k−1} (state x_s, model value m_0 at s) to t = t_k with
+  h = λ_t − λ_s and order p = p_k, using the earlier model values m_i at λ_{s_i} (i = 1..p − 1,
+  the i-th before s) through r_i = (λ_{s_i} − λ_s)/h and D_i = m_i − m_0:
+
+      UniP-p:  x̃_t = (σ_t/σ_s) x_s − α_t (e^{−h} − 1) m_0 − α_t B(h) Σ_{i<p} ρ^p_i D_i/r_i,
+      network: m_t = m(x̃_t, t),
+      UniC-p:  x_t = (σ_t/σ_s) x_s − α_t (e^{−h} − 1) m_0
+                     − α_t B(h) [Σ_{i<p} ρ^c_i D_i/r_i + ρ^c_p (m_t − m_0)],
+
+  the data-prediction form of the paper's UniP-p (Sec. 3.2, order p by Corollary 3.2) and
+  UniC-p (Sec. 3.1, which raises the order to p + 1, Theorem 3.1; its node r_p = 1 is the new
+  point). With z = −h, φ_1(z) = (e^z − 1)/z, φ_{k+1}(z) = (φ_k(z) − 1/k!)/z, B(h) = z ('bh1',
+  B_1) or e^z − 1 ('bh2', B_2) and g_k = k! z φ_{k+1}(z)/B(h), the weights solve the
+  Vandermonde systems (the paper's a_p = R_p(h)⁻¹ g_p(h)/B(h) with the powers of h divided out)
+
+      Σ_{i<p} ρ^p_i r_i^{j−1} = g_j  (j = 1..p − 1),    Σ_{i≤p} ρ^c_i r_i^{j−1} = g_j  (j = 1..p),
+
+  except that, as in Zhao et al.'s code and diffusers, ρ^p = (½) for p = 2 and ρ^c = (½) for
+  p = 1: g_1 = ½ + O(h), and the orders are kept. The corrected x_t goes on, with the model
+  value m_t of the predicted point x̃_t, so the corrector costs no network call; the last step
+  is UniP only (no model value after it, so no corrector): NFE = num_steps. Warm-up: step k uses
+  order ≤ k; with `lower_order_final` the last steps use min(order, S + 1 − k) at every S (as
+  UniPC's code and diffusers do; dpm_solver only below 10 steps): `dpm_solver_orders` with
+  lower_final_below=None. The output is x at end_index (t = 1/N by default), not denoised.
+  """
+  if variant not in UNIPC_VARIANTS:
+    raise ValueError(f"UniPC variant must be one of {UNIPC_VARIANTS}, got {variant!r}.")
+  view, start_index, orders = _multistep_setup(
+      "UniPC", schedule, num_steps, order, spacing, start_index, lower_order_final, None)
+  x, nfe = _unipc_loop(_as_pytree(eps_fn), x_start, view, num_steps, orders, variant, spacing,
+                       start_index, end_index)
   return _finish(x, nfe)
 
 
@@ -874,9 +1008,7 @@ def round_trip(
   return RoundTrip(enc.x, dec.x, round_trip_error(x0, dec.x), enc.nfe + dec.nfe)
 
 
-SAMPLERS = ("ddpm", "ddim", "dpm_solver", "pf_ode")
-DPM_SOLVER_ORDERS = (1, 2, 3)  # multistep orders of `dpm_solver`
-DPM_SOLVER_VARIANTS = ("dpmsolver++", "dpmsolver")  # data (x̂_0) or noise (ε) prediction
+SAMPLERS = ("ddpm", "ddim", "dpm_solver", "unipc", "pf_ode")
 
 
 def sample(
@@ -894,9 +1026,10 @@ def sample(
   """Runs the sampler named `method` (one of SAMPLERS) from x at step `start_index`.
 
   'ddpm' runs every step from start_index (num_steps must be None or start_index + 1);
-  'ddim' and 'dpm_solver' use num_steps network calls; 'pf_ode' is adaptive (options).
-  Extra keyword arguments go to the sampler (ddpm: variance; ddim: eta, end_index, spacing;
-  dpm_solver: order, variant, spacing, denoise_to_zero, ...; pf_ode: end_index, ...).
+  'ddim', 'dpm_solver' and 'unipc' use num_steps network calls; 'pf_ode' is adaptive
+  (options). Extra keyword arguments go to the sampler (ddpm: variance; ddim: eta, end_index,
+  spacing; dpm_solver: order, variant, spacing, denoise_to_zero, ...; unipc: order, variant,
+  spacing, ...; pf_ode: end_index, ...).
   """
   view = noise_schedule(schedule)
   start = _default_start(view, start_index)
@@ -906,14 +1039,15 @@ def sample(
     if num_steps is not None and num_steps != int(start) + 1:
       raise ValueError(
           f"'ddpm' runs all {int(start) + 1} steps from start_index={start}; got num_steps="
-          f"{num_steps}. Use 'ddim' or 'dpm_solver' for fewer steps.")
+          f"{num_steps}. Use 'ddim', 'dpm_solver' or 'unipc' for fewer steps.")
     return ddpm_ancestral(eps_fn, view, x_start, key, int(start), **kwargs)
-  if method in ("ddim", "dpm_solver"):
+  if method in ("ddim", "dpm_solver", "unipc"):
     if num_steps is None:
       raise ValueError(f"The {method!r} sampler needs num_steps.")
     if method == "ddim":
       return ddim(eps_fn, view, x_start, num_steps, key=key, start_index=start, **kwargs)
-    return dpm_solver(eps_fn, view, x_start, num_steps, start_index=start, **kwargs)
+    solver = dpm_solver if method == "dpm_solver" else unipc
+    return solver(eps_fn, view, x_start, num_steps, start_index=start, **kwargs)
   if method == "pf_ode":
     options = flow.SolverOptions(rtol=1e-5, atol=1e-5) if options is None else options
     return pf_ode(eps_fn, view, x_start, options, start_index=start, **kwargs)
@@ -1032,7 +1166,8 @@ def sample_images(network: Network, key: Array, num_images: int, image_shape: tu
   Chunk k of `batch_size` draws x_T with fold_in(key, k) and runs split along the 'data' axis
   of network.mesh (padded to a multiple of the device count, `shard_rows`); class-conditional
   models get labels 0, 1, …, K−1, 0, … in order. 'ddpm' takes every step (num_steps is not
-  used); kwargs go to the sampler (ddim: eta; dpm_solver: order, variant, spacing, ...).
+  used); kwargs go to the sampler (ddim: eta, spacing; dpm_solver / unipc: order, variant,
+  spacing, ...).
   """
   if sampler == "ddpm":
     num_steps = None  # ancestral sampling takes all N steps
@@ -1061,8 +1196,8 @@ def dpm_ot(network: Network, monge_map: Callable[[Array], tuple[np.ndarray, np.n
       T_g(z) = x_M^{j(z)},   j(z) = argmax_j g_j − ‖z − x_M^j‖²,   z ~ μ,
 
   the "expressway" that replaces the reverse chain from T down to M. Each sample then takes
-  the reverse steps from x_M to x_0 with `sampler`: 'ddim' / 'dpm_solver' (num_steps network
-  calls from index M) or 'ddpm' (all M + 1 ancestral steps; num_steps None or M + 1).
+  the reverse steps from x_M to x_0 with `sampler`: 'ddim' / 'dpm_solver' / 'unipc' (num_steps
+  network calls from index M) or 'ddpm' (all M + 1 ancestral steps; num_steps None or M + 1).
 
   monge_map: z (B, d) ↦ (x_M^{j(z)} (B, ...), j(z)) (`semidiscrete.monge_map`, targets placed
   once, split across devices when there are several); source: 'gaussian' N(0, I) or
