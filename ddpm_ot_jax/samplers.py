@@ -182,23 +182,6 @@ def index_of_time(view: NoiseSchedule, t: Array) -> Array:
   return jnp.asarray(t) * view.num_steps / view.t_max - 1.0
 
 
-def log_alpha_std(view: NoiseSchedule, t: Array) -> tuple[Array, Array]:
-  """(log α(t), σ(t)) with σ = √(1 − α²) computed as √(−expm1(2 log α))."""
-  log_alpha = view.log_alpha(t)
-  return log_alpha, jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
-
-
-def half_log_snr(view: NoiseSchedule, t: Array) -> Array:
-  """λ(t) = log α(t) − log σ(t) (DPM-Solver's half log-SNR)."""
-  log_alpha = view.log_alpha(t)
-  return log_alpha - 0.5 * jnp.log(-jnp.expm1(2.0 * log_alpha))
-
-
-def time_of_half_log_snr(view: NoiseSchedule, lam: Array) -> Array:
-  """λ⁻¹: log α = −½ log(1 + e^{−2λ}), then t from the view's inverse of log α."""
-  return view.time_of_log_alpha(-0.5 * jnp.logaddexp(0.0, -2.0 * jnp.asarray(lam)))
-
-
 # ----------------------------------------------------------------------------------------
 # ε-predictors.
 # ----------------------------------------------------------------------------------------
@@ -500,8 +483,8 @@ def dpm_solver_times(
 ) -> Array:
   """num_steps + 1 times from t_start to t_end: uniform in λ ('logSNR') or in t ('time_uniform')."""
   if skip_type == "logSNR":
-    lam = jnp.linspace(half_log_snr(view, t_start), half_log_snr(view, t_end), num_steps + 1)
-    return time_of_half_log_snr(view, lam)
+    lam = jnp.linspace(sde.half_log_snr(view, t_start), sde.half_log_snr(view, t_end), num_steps + 1)
+    return sde.time_of_half_log_snr(view, lam)
   if skip_type == "time_uniform":
     return jnp.linspace(t_start, t_end, num_steps + 1)
   raise ValueError(f"skip_type must be 'logSNR' or 'time_uniform', got {skip_type!r}.")
@@ -582,7 +565,7 @@ def _dpm_solver_loop(eps_fn, x, view, num_steps, orders, variant, solver_type, s
                      denoise_to_zero, start_index, end_index):
   ts = dpm_solver_times(view, num_steps, time_of_index(view, start_index),
                         time_of_index(view, end_index), skip_type)
-  log_alpha, sigma = log_alpha_std(view, ts)
+  log_alpha, sigma = sde.log_alpha_std(view, ts)
   lam = log_alpha - jnp.log(sigma)
 
   def model(x, k):
@@ -675,12 +658,12 @@ def dpm_solver(
 @functools.partial(jax.jit, static_argnames=("view", "options", "denoise_to_zero"))
 def _pf_ode_solve(eps_fn, x, view, options, denoise_to_zero, start_index, end_index):
   # Solve in x's precision (diffrax would promote float32 states to a float64 time's dtype).
-  lam_start = half_log_snr(view, time_of_index(view, start_index)).astype(x.dtype)
-  lam_end = half_log_snr(view, time_of_index(view, end_index)).astype(x.dtype)
+  lam_start = sde.half_log_snr(view, time_of_index(view, start_index)).astype(x.dtype)
+  lam_end = sde.half_log_snr(view, time_of_index(view, end_index)).astype(x.dtype)
 
   def vector_field(lam, x, args):
     del args
-    t = time_of_half_log_snr(view, lam)
+    t = sde.time_of_half_log_snr(view, lam)
     sigma2 = jax.nn.sigmoid(-2.0 * lam)  # σ² = 1/(1 + e^{2λ})
     eps = _call_eps(eps_fn, x, index_of_time(view, t))
     return _bcast(sigma2, x) * x - _bcast(jnp.sqrt(sigma2), x) * eps
@@ -702,7 +685,7 @@ def _pf_ode_solve(eps_fn, x, view, options, denoise_to_zero, start_index, end_in
   ok = sol.result == diffrax.RESULTS.successful
   if denoise_to_zero:
     t_end = time_of_index(view, end_index)
-    log_alpha, sigma = log_alpha_std(view, t_end)
+    log_alpha, sigma = sde.log_alpha_std(view, t_end)
     eps = _call_eps(eps_fn, x, end_index)
     x = (x - _bcast(sigma, x) * eps) * _bcast(jnp.exp(-log_alpha), x)
     nfe = nfe + 1

@@ -121,7 +121,7 @@ class ScheduleViewTest(SamplerTestCase):
                                rtol=1e-9)
     t = jnp.linspace(1e-3, 1.0, 50)
     np.testing.assert_allclose(
-        samplers.time_of_half_log_snr(VIEW, samplers.half_log_snr(VIEW, t)), t, rtol=1e-9)
+        sde.time_of_half_log_snr(VIEW, sde.half_log_snr(VIEW, t)), t, rtol=1e-9)
 
   def test_continuous_view_encoder_matches_theorem_3_1(self):
     """On the linear-SDE view, with the score built on DS.continuous_schedule() and
@@ -130,7 +130,7 @@ class ScheduleViewTest(SamplerTestCase):
     view = samplers.ContinuousTimeSchedule(linear, DS.num_steps)
     t = jnp.linspace(0.01, 0.99, 9)
     np.testing.assert_allclose(
-        samplers.time_of_half_log_snr(view, samplers.half_log_snr(view, t)), t, rtol=1e-10)
+        sde.time_of_half_log_snr(view, sde.half_log_snr(view, t)), t, rtol=1e-10)
     mean, cov = gaussian.random_gaussian(jax.random.key(2), 3)
     eps_fn = samplers.eps_fn_from_score(gaussian.score_fn(linear, mean, cov), DS)
     data = mean + jax.random.normal(jax.random.key(4), (64, 3))
