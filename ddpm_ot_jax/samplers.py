@@ -244,6 +244,29 @@ def eps_fn_from_score(
   return jax.tree_util.Partial(_ScoreEps(score_fn, score_schedule, num_steps))
 
 
+@dataclasses.dataclass(frozen=True)
+class _EpsScore:
+  view: Any
+
+  def __call__(self, eps_fn, x, t):
+    t = jnp.asarray(t, x.dtype)
+    _, sigma = sde.log_alpha_std(self.view, t)
+    eps = eps_fn(x[None], jnp.reshape(index_of_time(self.view, t), (1,)))
+    return -eps[0] / sigma
+
+
+def score_fn_from_eps(eps_fn: EpsFn, schedule: sde.DiscreteSchedule | NoiseSchedule
+                      ) -> sde.ScoreFn:
+  """∇ log p_t(x) = −ε̂(x, i(t))/σ(t) for one point x, i(t) = tN/t_max − 1: the inverse of
+  `eps_fn_from_score`, so a network can be handed to `flow` (e.g. `flow.log_likelihood`).
+
+  σ and i(t) come from `noise_schedule(schedule)` (pass the view that matches how ε_θ was
+  trained). Returns a `jax.tree_util.Partial` whose leaves are eps_fn's (its parameters).
+  The network must be unconditional (its labels, if any, are a batch, not one point's).
+  """
+  return jax.tree_util.Partial(_EpsScore(noise_schedule(schedule)), _as_pytree(eps_fn))
+
+
 def _as_pytree(eps_fn: EpsFn) -> jax.tree_util.Partial:
   if isinstance(eps_fn, jax.tree_util.Partial):
     return eps_fn
