@@ -10,6 +10,10 @@ the Monge OT map.
 
 Every solve is per point (vmapped), so each point gets its own adaptive steps and its own
 number of function evaluations (NFE).
+
+`log_likelihood` integrates the divergence of the same flow alongside it (the instantaneous
+change of variables) for log p(x), exactly or with Hutchinson's estimator; `dequantize` and
+`bits_per_dim` turn it into bits/dim of discrete images as score_sde reports them.
 """
 from __future__ import annotations
 
