@@ -338,7 +338,8 @@ def load_dataset(name: str, split: str, root: str | None = None,
   return load_image_folder(location, resolution, labels_from_subfolders=labels_from_subfolders)
 
 
-# Pixel levels of each dataset's files: digits 0..16 (x/8 − 1), 8-bit images 0..255 (x/127.5 − 1).
+# Pixel levels of each dataset's files: digits 0..16 (x/8 − 1), 8-bit images 0..255
+# (x/127.5 − 1).
 NUM_LEVELS = {"digits": 17, "cifar10": 256, "image_folder": 256}
 
 

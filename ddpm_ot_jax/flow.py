@@ -312,7 +312,8 @@ def log_likelihood(
     sol = solve_ode(lambda lam, state: field(lam, state, probes),
                     (xi.reshape(-1), jnp.zeros((), dtype)), lam_start, lam_end, options,
                     throw=False)
-    return sol.ys[0][-1], sol.ys[1][-1], sol.stats["num_steps"], sol.result == diffrax.RESULTS.successful
+    ok = sol.result == diffrax.RESULTS.successful
+    return sol.ys[0][-1], sol.ys[1][-1], sol.stats["num_steps"], ok
 
   if divergence == "exact":
     z, delta, steps, ok = jax.vmap(lambda xi: one(xi, None))(x)

@@ -506,7 +506,8 @@ def dpm_solver_times(
 ) -> Array:
   """num_steps + 1 times from t_start to t_end: uniform in λ ('logSNR') or in t ('time_uniform')."""
   if skip_type == "logSNR":
-    lam = jnp.linspace(sde.half_log_snr(view, t_start), sde.half_log_snr(view, t_end), num_steps + 1)
+    lam = jnp.linspace(sde.half_log_snr(view, t_start), sde.half_log_snr(view, t_end),
+                       num_steps + 1)
     return sde.time_of_half_log_snr(view, lam)
   if skip_type == "time_uniform":
     return jnp.linspace(t_start, t_end, num_steps + 1)

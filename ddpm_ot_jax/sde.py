@@ -189,7 +189,7 @@ def prior_sample(key: Array, shape: tuple[int, ...], dtype: DTypeLike = jnp.floa
 
 
 def prior_log_prob(z: Array) -> Array:
-  """log N(z; 0, I) of one point z of any shape (D = z.size entries): −½|z|² − (D/2) log 2π."""
+  """log N(z; 0, I) of one point z of any shape (D = z.size): −½|z|² − (D/2) log 2π."""
   return -0.5 * jnp.sum(z**2) - 0.5 * z.size * math.log(2.0 * math.pi)
 
 
