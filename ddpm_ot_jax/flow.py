@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple
 import diffrax
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from ddpm_ot_jax import sde
 
@@ -227,7 +228,7 @@ def _check_likelihood_args(schedule: sde.LogAlphaSchedule, t_start: float, t_end
       raise ValueError(f"num_probes must be a positive int, got {num_probes!r}.")
 
 
-def _probes(key: Array, probe: str, num_probes: int, dims: int, dtype) -> Array:
+def _probes(key: Array, probe: str, num_probes: int, dims: int, dtype: DTypeLike) -> Array:
   """(num_probes, dims) Hutchinson probes: ±1 with probability ½ each, or N(0, 1) entries."""
   if probe == "rademacher":
     return jax.random.rademacher(key, (num_probes, dims), dtype)
@@ -326,7 +327,8 @@ def log_likelihood(
                     nfe=nfe_from_steps(options.solver, steps), ok=ok)
 
 
-def dequantize(key: Array, levels: Array, num_levels: int, dtype=jnp.float32) -> Array:
+def dequantize(key: Array, levels: Array, num_levels: int, dtype: DTypeLike = jnp.float32
+               ) -> Array:
   r"""Uniform dequantization as score_sde evaluates bits/dim: pixel values k ∈ {0, …, L − 1}
   (`data.pixel_levels`) ↦ y = 2 (k + u)/L − 1 ∈ [−1, 1), u ~ U[0, 1)^D from `key`.
 
