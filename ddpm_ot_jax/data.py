@@ -386,6 +386,30 @@ def load_dataset(name: str, split: str, root: str | None = None,
   return take(dataset, np.sort(index))
 
 
+# Pixel levels of each dataset's files: digits 0..16 (x/8 − 1), 8-bit images 0..255
+# (x/127.5 − 1).
+NUM_LEVELS = {"digits": 17, "cifar10": 256, "image_folder": 256}
+
+
+def pixel_levels(images: np.ndarray, num_levels: int) -> np.ndarray:
+  """The integer pixel values k ∈ {0, …, L − 1} of images stored as x = 2k/(L − 1) − 1 (every
+  loader here: digits L = 17, 8-bit images L = 256, `NUM_LEVELS`), as int32 of the same shape.
+
+  Raises ValueError when the images are not on that grid (wrong `num_levels`, or images
+  that were resampled or normalized differently).
+  """
+  scaled = (np.asarray(images, np.float64) + 1.0) * 0.5 * (num_levels - 1)
+  levels = np.rint(scaled)
+  if scaled.size and (np.max(np.abs(scaled - levels)) > 1e-3 or levels.min() < 0
+                      or levels.max() > num_levels - 1):
+    raise ValueError(
+        f"the images are not on the {num_levels}-level grid x = 2k/{num_levels - 1} − 1 "
+        f"(k = 0..{num_levels - 1}; largest distance {np.max(np.abs(scaled - levels)):.3g} "
+        f"levels, range {scaled.min():.3g}..{scaled.max():.3g}); give the dataset's number "
+        f"of pixel levels ({', '.join(f'{k}: {v}' for k, v in NUM_LEVELS.items())}).")
+  return levels.astype(np.int32)
+
+
 def check_dataset(name: str, split: str, root: str | None = None,
                   resolution: int | None = None) -> None:
   """Raises the ValueError / FileNotFoundError that `load_dataset(name, split, root,

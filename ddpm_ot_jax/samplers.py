@@ -199,23 +199,6 @@ def index_of_time(view: NoiseSchedule, t: Array) -> Array:
   return jnp.asarray(t) * view.num_steps / view.t_max - 1.0
 
 
-def log_alpha_std(view: NoiseSchedule, t: Array) -> tuple[Array, Array]:
-  """(log α(t), σ(t)) with σ = √(1 − α²) computed as √(−expm1(2 log α))."""
-  log_alpha = view.log_alpha(t)
-  return log_alpha, jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
-
-
-def half_log_snr(view: NoiseSchedule, t: Array) -> Array:
-  """λ(t) = log α(t) − log σ(t) (DPM-Solver's half log-SNR)."""
-  log_alpha = view.log_alpha(t)
-  return log_alpha - 0.5 * jnp.log(-jnp.expm1(2.0 * log_alpha))
-
-
-def time_of_half_log_snr(view: NoiseSchedule, lam: Array) -> Array:
-  """λ⁻¹: log α = −½ log(1 + e^{−2λ}), then t from the view's inverse of log α."""
-  return view.time_of_log_alpha(-0.5 * jnp.logaddexp(0.0, -2.0 * jnp.asarray(lam)))
-
-
 # ----------------------------------------------------------------------------------------
 # ε-predictors.
 # ----------------------------------------------------------------------------------------
@@ -276,6 +259,29 @@ def eps_fn_from_score(
       score_schedule = schedule
   num_steps = noise_schedule(schedule).num_steps
   return jax.tree_util.Partial(_ScoreEps(score_fn, score_schedule, num_steps))
+
+
+@dataclasses.dataclass(frozen=True)
+class _EpsScore:
+  view: Any
+
+  def __call__(self, eps_fn, x, t):
+    t = jnp.asarray(t, x.dtype)
+    _, sigma = sde.log_alpha_std(self.view, t)
+    eps = eps_fn(x[None], jnp.reshape(index_of_time(self.view, t), (1,)))
+    return -eps[0] / sigma
+
+
+def score_fn_from_eps(eps_fn: EpsFn, schedule: sde.DiscreteSchedule | NoiseSchedule
+                      ) -> sde.ScoreFn:
+  """∇ log p_t(x) = −ε̂(x, i(t))/σ(t) for one point x, i(t) = tN/t_max − 1: the inverse of
+  `eps_fn_from_score`, so a network can be handed to `flow` (e.g. `flow.log_likelihood`).
+
+  σ and i(t) come from `noise_schedule(schedule)` (pass the view that matches how ε_θ was
+  trained). Returns a `jax.tree_util.Partial` whose leaves are eps_fn's (its parameters).
+  The network must be unconditional (its labels, if any, are a batch, not one point's).
+  """
+  return jax.tree_util.Partial(_EpsScore(noise_schedule(schedule)), _as_pytree(eps_fn))
 
 
 def _as_pytree(eps_fn: EpsFn) -> jax.tree_util.Partial:
@@ -408,8 +414,8 @@ def step_indices(view: NoiseSchedule, num_points: int, start_index: Array, end_i
     return jnp.linspace(start_index, end_index, num_points)
   t_start, t_end = time_of_index(view, start_index), time_of_index(view, end_index)
   if spacing == "logSNR":
-    lam = jnp.linspace(half_log_snr(view, t_start), half_log_snr(view, t_end), num_points)
-    t = time_of_half_log_snr(view, lam)
+    lam = jnp.linspace(sde.half_log_snr(view, t_start), sde.half_log_snr(view, t_end), num_points)
+    t = sde.time_of_half_log_snr(view, lam)
   else:  # time_quadratic
     t = jnp.linspace(jnp.sqrt(t_start), jnp.sqrt(t_end), num_points) ** 2
   return index_of_time(view, t).at[0].set(start_index).at[-1].set(end_index)
@@ -646,7 +652,7 @@ def _multistep_solve(eps_fn, x, view, num_steps, orders, spacing, start_index, e
   NFE = S. Returns (x_S, nfe, index, log α, σ) with the grid's arrays.
   """
   index = step_indices(view, num_steps + 1, start_index, end_index, spacing)
-  log_alpha, sigma = log_alpha_std(view, time_of_index(view, index))
+  log_alpha, sigma = sde.log_alpha_std(view, time_of_index(view, index))
   lam = log_alpha - jnp.log(sigma)
 
   def model(x, k):
@@ -877,12 +883,12 @@ def unipc(
 @functools.partial(jax.jit, static_argnames=("view", "options", "denoise_to_zero"))
 def _pf_ode_solve(eps_fn, x, view, options, denoise_to_zero, start_index, end_index):
   # Solve in x's precision (diffrax would promote float32 states to a float64 time's dtype).
-  lam_start = half_log_snr(view, time_of_index(view, start_index)).astype(x.dtype)
-  lam_end = half_log_snr(view, time_of_index(view, end_index)).astype(x.dtype)
+  lam_start = sde.half_log_snr(view, time_of_index(view, start_index)).astype(x.dtype)
+  lam_end = sde.half_log_snr(view, time_of_index(view, end_index)).astype(x.dtype)
 
   def vector_field(lam, x, args):
     del args
-    t = time_of_half_log_snr(view, lam)
+    t = sde.time_of_half_log_snr(view, lam)
     sigma2 = jax.nn.sigmoid(-2.0 * lam)  # σ² = 1/(1 + e^{2λ})
     eps = _call_eps(eps_fn, x, index_of_time(view, t))
     return _bcast(sigma2, x) * x - _bcast(jnp.sqrt(sigma2), x) * eps
@@ -904,7 +910,7 @@ def _pf_ode_solve(eps_fn, x, view, options, denoise_to_zero, start_index, end_in
   ok = sol.result == diffrax.RESULTS.successful
   if denoise_to_zero:
     t_end = time_of_index(view, end_index)
-    log_alpha, sigma = log_alpha_std(view, t_end)
+    log_alpha, sigma = sde.log_alpha_std(view, t_end)
     eps = _call_eps(eps_fn, x, end_index)
     x = (x - _bcast(sigma, x) * eps) * _bcast(jnp.exp(-log_alpha), x)
     nfe = nfe + 1

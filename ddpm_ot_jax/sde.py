@@ -188,6 +188,11 @@ def prior_sample(key: Array, shape: tuple[int, ...], dtype: DTypeLike = jnp.floa
   return jax.random.normal(key, shape, dtype)
 
 
+def prior_log_prob(z: Array) -> Array:
+  """log N(z; 0, I) of one point z of any shape (D = z.size): −½|z|² − (D/2) log 2π."""
+  return -0.5 * jnp.sum(z**2) - 0.5 * z.size * math.log(2.0 * math.pi)
+
+
 def probability_flow_drift(schedule: Schedule, score_fn: ScoreFn) -> Callable[[Array, Array], Array]:
   """The probability-flow ODE vector field v(t, x) = −½ β(t) [x + ∇_x log p_t(x)] (Eq. 6)."""
 
@@ -195,6 +200,40 @@ def probability_flow_drift(schedule: Schedule, score_fn: ScoreFn) -> Callable[[A
     return -0.5 * schedule.beta(t) * (x + score_fn(x, t))
 
   return drift
+
+
+# ----------------------------------------------------------------------------------------
+# The half log-SNR clock λ = log(α/σ) of a schedule that can invert log α.
+# ----------------------------------------------------------------------------------------
+
+
+class LogAlphaSchedule(Schedule, Protocol):
+  """A schedule that also gives log α(t) and its inverse t(log α): the samplers'
+  continuous-time views (`samplers.DiscreteTimeSchedule`, `samplers.ContinuousTimeSchedule`,
+  which wraps any `Schedule`)."""
+
+  def log_alpha(self, t: Array) -> Array:
+    ...
+
+  def time_of_log_alpha(self, log_alpha: Array) -> Array:
+    ...
+
+
+def log_alpha_std(view: LogAlphaSchedule, t: Array) -> tuple[Array, Array]:
+  """(log α(t), σ(t)) with σ = √(1 − α²) computed as √(−expm1(2 log α))."""
+  log_alpha = view.log_alpha(t)
+  return log_alpha, jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
+
+
+def half_log_snr(view: LogAlphaSchedule, t: Array) -> Array:
+  """λ(t) = log α(t) − log σ(t) (DPM-Solver's half log-SNR)."""
+  log_alpha = view.log_alpha(t)
+  return log_alpha - 0.5 * jnp.log(-jnp.expm1(2.0 * log_alpha))
+
+
+def time_of_half_log_snr(view: LogAlphaSchedule, lam: Array) -> Array:
+  """λ⁻¹: log α = −½ log(1 + e^{−2λ}), then t from the view's inverse of log α."""
+  return view.time_of_log_alpha(-0.5 * jnp.logaddexp(0.0, -2.0 * jnp.asarray(lam)))
 
 
 # ----------------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ class ScheduleViewTest(SamplerTestCase):
                                rtol=1e-9)
     t = jnp.linspace(1e-3, 1.0, 50)
     np.testing.assert_allclose(
-        samplers.time_of_half_log_snr(VIEW, samplers.half_log_snr(VIEW, t)), t, rtol=1e-9)
+        sde.time_of_half_log_snr(VIEW, sde.half_log_snr(VIEW, t)), t, rtol=1e-9)
 
   def test_continuous_view_encoder_matches_theorem_3_1(self):
     """On the linear-SDE view, with the score built on DS.continuous_schedule() and
@@ -130,7 +130,7 @@ class ScheduleViewTest(SamplerTestCase):
     view = samplers.ContinuousTimeSchedule(linear, DS.num_steps)
     t = jnp.linspace(0.01, 0.99, 9)
     np.testing.assert_allclose(
-        samplers.time_of_half_log_snr(view, samplers.half_log_snr(view, t)), t, rtol=1e-10)
+        sde.time_of_half_log_snr(view, sde.half_log_snr(view, t)), t, rtol=1e-10)
     mean, cov = gaussian.random_gaussian(jax.random.key(2), 3)
     eps_fn = samplers.eps_fn_from_score(gaussian.score_fn(linear, mean, cov), DS)
     data = mean + jax.random.normal(jax.random.key(4), (64, 3))
@@ -387,7 +387,7 @@ class SpacingTest(SamplerTestCase):
     1e-9 of a step; 'time_quadratic' is Lu et al.'s (√t_start + k (√t_end − √t_start)/S)²."""
     views = (VIEW, samplers.ContinuousTimeSchedule(DS.continuous_schedule(), DS.num_steps))
     spaced = {
-        "logSNR": samplers.half_log_snr,
+        "logSNR": sde.half_log_snr,
         "time_uniform": lambda view, t: samplers.index_of_time(view, t),
         "time_quadratic": lambda view, t: jnp.sqrt(t),
     }
@@ -460,7 +460,7 @@ def diffusers_unipc(eps_fn, x, index, order, variant, lower_order_final):
   """
   import diffusers  # pylint: disable=g-import-not-at-top  (the test-only reference)
   import torch  # pylint: disable=g-import-not-at-top
-  lam = np.asarray(samplers.half_log_snr(VIEW, samplers.time_of_index(VIEW, index)))
+  lam = np.asarray(sde.half_log_snr(VIEW, samplers.time_of_index(VIEW, index)))
   scheduler = diffusers.UniPCMultistepScheduler(
       solver_order=order, solver_type=variant, predict_x0=True, prediction_type="epsilon",
       lower_order_final=lower_order_final)

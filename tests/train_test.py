@@ -100,8 +100,7 @@ class LossTest(absltest.TestCase):
     for loss_type, (net_time, alpha, sigma) in levels.items():
       for view_type in sde.LOSS_TYPES:
         view = samplers.noise_schedule(SCHEDULE, view_type)
-        log_alpha, view_sigma = samplers.log_alpha_std(view, samplers.time_of_index(view,
-                                                                                    net_time))
+        log_alpha, view_sigma = sde.log_alpha_std(view, samplers.time_of_index(view, net_time))
         gap = max(np.max(np.abs(np.exp(np.asarray(log_alpha)) - alpha)),
                   np.max(np.abs(np.asarray(view_sigma) - sigma)))
         if view_type == loss_type:

@@ -81,6 +81,7 @@ from ddpm_ot_jax import flow
 from ddpm_ot_jax import metrics
 from ddpm_ot_jax import plotting
 from ddpm_ot_jax import samplers
+from ddpm_ot_jax import sde
 from ddpm_ot_jax import semidiscrete
 from ddpm_ot_jax import trainer
 from ddpm_ot_jax.experiments import common
@@ -302,7 +303,7 @@ def _model(config, workdir: str, train_set: data.ImageDataset, inputs: Inputs):
 
 def switch_alpha_bar(view: samplers.NoiseSchedule, switch_index: int) -> float:
   """ᾱ_M of the samplers' view at step M (the DDPM's ᾱ_M for the discrete view)."""
-  log_alpha, _ = samplers.log_alpha_std(view, samplers.time_of_index(view, switch_index))
+  log_alpha, _ = sde.log_alpha_std(view, samplers.time_of_index(view, switch_index))
   return float(np.exp(2.0 * float(log_alpha)))
 
 
