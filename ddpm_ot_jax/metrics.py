@@ -86,9 +86,12 @@ def fid_from_features(features1: Any, features2: Any) -> float:
 
 
 def kid_from_features(features1: Any, features2: Any, degree: int = 3,
-                      coef0: float = 1.0) -> float:
+                      coef0: float = 1.0, scale: float = 1.0) -> float:
   r"""Kernel (inception) distance (Bińkowski et al. 2018): the unbiased estimate of MMD²
-  with the polynomial kernel k(x, y) = (xᵀy / d + c)^3, c = coef0, d = feature dimension,
+  with the polynomial kernel k(x, y) = (xᵀy / (d s²) + c)^3, c = coef0, d = feature dimension,
+  s = scale (1: the standard KID of Inception pool3 features, whose xᵀy/d is O(1); features of
+  another scale, e.g. a small classifier's, pass their RMS so the kernel stays cubic in an O(1)
+  argument instead of being dominated by a few large products),
 
       KID = 1/(m(m−1)) Σ_{i≠j} k(x_i, x_j) + 1/(n(n−1)) Σ_{i≠j} k(y_i, y_j)
             − 2/(mn) Σ_{i,j} k(x_i, y_j),
@@ -103,7 +106,7 @@ def kid_from_features(features1: Any, features2: Any, degree: int = 3,
   if m < 2 or n < 2 or x.shape[1] != y.shape[1]:
     raise ValueError(f"KID needs two feature sets of ≥ 2 rows and equal width, got "
                      f"{x.shape} and {y.shape}.")
-  d = x.shape[1]
+  d = x.shape[1] * float(scale) ** 2
   k_xx = (x @ x.T / d + coef0) ** degree
   k_yy = (y @ y.T / d + coef0) ** degree
   k_xy = (x @ y.T / d + coef0) ** degree

@@ -88,6 +88,9 @@ class KernelDistanceTest(absltest.TestCase):
     self.assertAlmostEqual(metrics.kid_from_features(x, y), xx + yy - 2 * xy, places=10)
     self.assertAlmostEqual(metrics.kid_from_features(x, y), metrics.kid_from_features(y, x),
                            places=10)
+    # scale s: the same as dividing every feature by s.
+    self.assertAlmostEqual(metrics.kid_from_features(x, y, scale=2.5),
+                           metrics.kid_from_features(x / 2.5, y / 2.5), places=12)
 
   def test_unbiased_where_fid_is_not(self):
     """Two samples of the same law: the mean KID over 200 draws of 20 points is 0 within its

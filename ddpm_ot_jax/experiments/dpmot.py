@@ -425,6 +425,7 @@ class Evaluator:
   reference_features: np.ndarray
   targets: np.ndarray  # pixels: the memorization reference "copy of a target"
   novelty: np.ndarray  # pixels: real images that are not targets ("as novel as fresh data")
+  kid_scale: float = 1.0  # feature scale s of KID's kernel (1: Inception's standard KID)
   classifier_accuracy: float | None = None
 
   def measure(self, images: np.ndarray, config, reference_features: np.ndarray | None = None
@@ -434,7 +435,7 @@ class Evaluator:
     reference = self.reference_features if reference_features is None else reference_features
     feats = self.features(images)
     out = {"fid": metrics.fid_from_features(reference, feats),
-           "kid": metrics.kid_from_features(reference, feats)}
+           "kid": metrics.kid_from_features(reference, feats, scale=self.kid_scale)}
     out.update(metrics.precision_recall(reference, feats, k=ec.pr_k))
     if self.probs is not None:
       probs = self.probs(images)
@@ -481,8 +482,11 @@ def _evaluator(config, inputs: Inputs, targets: np.ndarray, workdir: str) -> Eva
   probs = lambda images: np.asarray(classifier.predict_probs(params, images))  # noqa: E731
   feats = lambda images: np.asarray(classifier.features(params, images))  # noqa: E731
   accuracy = float(np.mean(np.argmax(probs(reference.images), -1) == reference.labels))
-  return Evaluator(feats, probs, "digits-classifier", feats(reference.images), targets,
-                   novelty, accuracy)
+  reference_features = feats(reference.images)
+  # KID's kernel on these ReLU features (RMS ≈ 2, unlike Inception's ≈ 0.5): scaled by their RMS.
+  kid_scale = float(np.sqrt(np.mean(reference_features.astype(np.float64) ** 2)))
+  return Evaluator(feats, probs, "digits-classifier", reference_features, targets, novelty,
+                   kid_scale, accuracy)
 
 
 def _summarize(draws: list[dict[str, float]]) -> dict[str, Any]:
