@@ -40,7 +40,10 @@ Measured with jax/jaxlib 0.10.2 on CPU (2 processes × 2 virtual devices on one 
 Every process runs the same program and must make the same jax calls (jit of sharded arrays,
 `barrier`, `allgather_to_host`, orbax `CheckpointManager.save/restore`, which synchronise
 internally and each write their own shards); only side effects outside jax (files, logs)
-are for the chief (`is_chief`).
+are for the chief (`is_chief`). Where a branch depends on what a process finds on disk
+(a cached stage), `all_processes` makes every process take the same one. In this project
+scripts/main.py calls `initialize` (from `args_from_env`, or jax's auto-detection); the
+experiments layer decides who writes (experiments/common.py).
 """
 from __future__ import annotations
 
