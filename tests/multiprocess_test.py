@@ -2,8 +2,8 @@
 process with 4 devices: the same global batch, the same 4-device mesh, the same numbers.
 
 The run is scripts/main.py with tests/multiprocess_dpmot_config.py (tiny DPM-OT: 2 training
-steps, latents, the OT potential, 2 draws of DPM-OT samples through the target-sharded map,
-classifier evaluation), started through `multiprocess_helpers.run_processes`, which names the
+steps, latents, the OT potential, 2 draws of DDPM-1000 samples and of DPM-OT samples through
+the target-sharded map, classifier evaluation), started through `multiprocess_helpers.run_processes`, which names the
 run in the DDPM_OT_* environment variables. The kill of one process (a clear abort within the
 heartbeat timeout, not a hang) is tests/distributed_test.py's test_killed_process_ends_the_run.
 """
@@ -22,7 +22,8 @@ import multiprocess_helpers
 ROOT = multiprocess_helpers.ROOT
 MAIN = os.path.join(ROOT, "scripts", "main.py")
 TINY_DPMOT = os.path.join(ROOT, "tests", "multiprocess_dpmot_config.py")
-TIMEOUT_S = 300  # a bound against hangs; each run takes ≈ 30–60 s on 2 free cores
+TIMEOUT_S = 600  # a bound against hangs, far above the ≈ 20–60 s CPU time a run takes, as
+# other jobs on a 2-core machine can stretch its wall time 3-fold
 
 
 def _train_reference(checkpoint_dir: str, out: str) -> None:
@@ -76,8 +77,8 @@ class TwoProcessDpmotTest(absltest.TestCase):
         4 devices of 2 processes, the last shard padded) is the 1-process one exactly;
     (c) the OT potential g (solved in each process) is the 1-process one bitwise, and the
         two processes' agreed (no "different OT potentials" warning);
-    (d) every cached array (latents, DPM-OT samples of both draws) is bitwise the same, and
-        so is every number of results.json except timings;
+    (d) every cached array (latents, DDPM-1000 and DPM-OT samples of both draws) is bitwise
+        the same, and so is every number of results.json except timings;
     (e) process 0 alone logs, prints and writes (no stray temporary files); all exit 0.
     """
     import multiprocess_dpmot_config  # pylint: disable=g-import-not-at-top
@@ -120,14 +121,15 @@ class TwoProcessDpmotTest(absltest.TestCase):
       names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(two, "*.npz")))
       self.assertEqual(names, sorted(os.path.basename(p)
                                      for p in glob.glob(os.path.join(one, "*.npz"))))
-      self.assertEqual([n.split("-")[0] for n in names],
-                       ["latents", "samples", "samples"])
+      self.assertEqual([n.rsplit("-", 1)[0] for n in names],
+                       ["latents", "samples-ddpm-0", "samples-ddpm-1", "samples-dpm_ot_10-0",
+                        "samples-dpm_ot_10-1"])
       for name in names:
         a, b = _load(os.path.join(two, name)), _load(os.path.join(one, name))
         for key in a:
           if key != "seconds":
             self.assertEqual(a[key].tobytes(), b[key].tobytes(), f"{name}: {key}")
-        if name.startswith("samples"):
+        if name.startswith("samples-dpm_ot"):
           self.assertGreater(len(np.unique(a["target_index"])), 5)  # not a trivial map
 
     with self.subTest("potential"):
