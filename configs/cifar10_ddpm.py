@@ -41,7 +41,9 @@ def network_config() -> ml_collections.ConfigDict:
       num_steps=800_000,
       batch_size=128,  # global batch, split across all devices
       num_devices=0,  # 0: all devices
-      distributed=False,  # multi-host: call jax.distributed.initialize() first (TPU pods, SLURM)
+      # Several hosts that jax detects itself (TPU pods, SLURM, Open MPI); elsewhere name the run
+      # with the DDPM_OT_* environment variables instead (README, 'Several hosts').
+      distributed=False,
       lr=2e-4,
       warmup_steps=5000,
       grad_clip=1.0,

@@ -36,7 +36,9 @@ def network_config() -> ml_collections.ConfigDict:
       num_steps=1200,
       batch_size=128,  # global batch, split across all devices
       num_devices=0,  # 0: all devices
-      distributed=False,  # multi-host: call jax.distributed.initialize() first (TPU pods, SLURM)
+      # Several hosts that jax detects itself (TPU pods, SLURM, Open MPI); elsewhere name the run
+      # with the DDPM_OT_* environment variables instead (README, 'Several hosts').
+      distributed=False,
       lr=1e-3,  # Adam peak learning rate, reached linearly over warmup_steps
       warmup_steps=200,
       grad_clip=1.0,  # global-norm clipping (≤ 0: off)

@@ -495,13 +495,14 @@ def _check_batch_args(dataset: ImageDataset, batch_size: int, seed: int, step: i
 
 def _assemble(dataset: ImageDataset, indices: np.ndarray, seed: int, step: int, flip: bool,
               num_shards: int, shard_index: int) -> tuple[np.ndarray, np.ndarray]:
-  images = dataset.images[indices]
-  if flip:
-    mask = _flip_mask(seed, step, len(indices))
-    images[mask] = images[mask, :, ::-1]
+  """Rows `shard_index` of `num_shards` of the batch `indices`: only those are read."""
   size = len(indices) // num_shards
   part = slice(shard_index * size, (shard_index + 1) * size)
-  return images[part], dataset.labels[indices][part]
+  images = dataset.images[indices[part]]
+  if flip:
+    mask = _flip_mask(seed, step, len(indices))[part]
+    images[mask] = images[mask, :, ::-1]
+  return images, dataset.labels[indices[part]]
 
 
 def get_batch(dataset: ImageDataset, batch_size: int, seed: int, step: int,
@@ -526,9 +527,9 @@ def batch_iterator(dataset: ImageDataset, batch_size: int, seed: int, start_step
   a Generator seeded by (seed, k). Hence batch k is a function of (seed, k) alone and a
   run resumed with start_step = k continues exactly.
 
-  Multi-host: every host iterates the same global batch and keeps its part
+  Multi-host: every host walks the same global batches and reads only its part
   `shard_index` of `num_shards` equal consecutive slices (e.g. jax.process_index(),
-  jax.process_count()).
+  jax.process_count()); the parts concatenated are the single-host batch.
   """
   _check_batch_args(dataset, batch_size, seed, start_step, num_shards, shard_index)
   n = len(dataset)

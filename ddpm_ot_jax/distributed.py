@@ -40,7 +40,10 @@ Measured with jax/jaxlib 0.10.2 on CPU (2 processes × 2 virtual devices on one 
 Every process runs the same program and must make the same jax calls (jit of sharded arrays,
 `barrier`, `allgather_to_host`, orbax `CheckpointManager.save/restore`, which synchronise
 internally and each write their own shards); only side effects outside jax (files, logs)
-are for the chief (`is_chief`).
+are for the chief (`is_chief`). Where a branch depends on what a process finds on disk
+(a cached stage), `all_processes` makes every process take the same one. In this project
+scripts/main.py calls `initialize` (from `args_from_env`, or jax's auto-detection); the
+experiments layer decides who writes (experiments/common.py).
 """
 from __future__ import annotations
 
@@ -77,14 +80,17 @@ def args_from_env(environ: dict[str, str]) -> dict[str, Any]:
               process_id=int(environ[ENV_PROCESS_ID]))
 
 
-def initialize(coordinator_address: str | None, num_processes: int, process_id: int, *,
-               heartbeat_timeout_s: int = 30, initialization_timeout_s: int = 120,
-               shutdown_timeout_s: int = 60, warm_up: bool = True) -> None:
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, heartbeat_timeout_s: int = 30,
+               initialization_timeout_s: int = 120, shutdown_timeout_s: int = 60,
+               warm_up: bool = True) -> None:
   """Joins a run of `num_processes` processes; call before anything else touches jax devices.
 
   With num_processes == 1 nothing happens (a plain single-process run). Otherwise: CPU
   collectives set to gloo, then `jax.distributed.initialize` with bounded timeouts (see the
-  module docstring for what each bounds), then (warm_up) the collectives' setup.
+  module docstring for what each bounds), then (warm_up) the collectives' setup. With all
+  three of coordinator_address, num_processes, process_id None, jax finds the run itself
+  (TPU pods, SLURM, Open MPI: its cluster auto-detection).
 
   Args:
     coordinator_address: "host:port" of process 0, which serves the coordinator on that
@@ -102,19 +108,24 @@ def initialize(coordinator_address: str | None, num_processes: int, process_id: 
       is in use.
     ValueError: inconsistent arguments.
   """
-  if num_processes < 1 or not 0 <= process_id < num_processes:
-    raise ValueError(f"need 0 ≤ process_id < num_processes, got process_id={process_id}, "
-                     f"num_processes={num_processes}.")
-  if num_processes == 1:
-    return
+  detect = coordinator_address is None and num_processes is None and process_id is None
+  bind_address = None
+  if not detect:
+    if (num_processes is None or process_id is None or num_processes < 1
+        or not 0 <= process_id < num_processes):
+      raise ValueError(f"need 0 ≤ process_id < num_processes, got process_id={process_id}, "
+                       f"num_processes={num_processes}.")
+    if num_processes == 1:
+      return
   if jax.distributed.is_initialized():
     raise RuntimeError("jax.distributed is already initialized in this process.")
-  if not coordinator_address or ":" not in coordinator_address:
-    raise ValueError(f"coordinator_address must be 'host:port', got {coordinator_address!r}.")
-  host, port = coordinator_address.rsplit(":", 1)
-  bind_address = f"127.0.0.1:{port}" if host in _LOCAL_HOSTS else None
-  if process_id == 0:
-    _check_port_free(int(port), local_only=bind_address is not None)
+  if not detect:
+    if not coordinator_address or ":" not in coordinator_address:
+      raise ValueError(f"coordinator_address must be 'host:port', got {coordinator_address!r}.")
+    host, port = coordinator_address.rsplit(":", 1)
+    bind_address = f"127.0.0.1:{port}" if host in _LOCAL_HOSTS else None
+    if process_id == 0:
+      _check_port_free(int(port), local_only=bind_address is not None)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
       coordinator_address=coordinator_address, num_processes=num_processes,
@@ -122,7 +133,7 @@ def initialize(coordinator_address: str | None, num_processes: int, process_id: 
       heartbeat_timeout_seconds=int(heartbeat_timeout_s),
       shutdown_timeout_seconds=int(shutdown_timeout_s),
       coordinator_bind_address=bind_address)
-  if warm_up:
+  if warm_up and jax.process_count() > 1:
     _warm_up()
 
 
@@ -212,3 +223,19 @@ def barrier(name: str) -> None:
   exiting after chief-only work, so that processes exit within `shutdown_timeout_s`."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def all_processes(flag: bool) -> bool:
+  """Whether `flag` holds in every process (a collective: call it in all processes). Lets
+  every process take the same branch, e.g. reuse a cached file only when all of them see it."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.all(allgather_to_host(np.asarray(bool(flag), np.int32))))
+
+
+def chief_value(x: Array | np.ndarray) -> np.ndarray:
+  """Process 0's value of a host or single-process array, in every process (a collective):
+  what every process uses where the processes computed it separately."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return allgather_to_host(np.asarray(x))[0]

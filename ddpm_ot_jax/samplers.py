@@ -12,6 +12,9 @@ from `step_indices`: `spacing` 'logSNR' (uniform in λ = log α/σ), 'time_unifo
 Many images from a trained network (`Network`), in chunks split over devices:
 `sample_images` (from x_T ~ N(0, I)) and `dpm_ot` (Li et al. 2023, Sec. 3.2: z ~ μ,
 x_M = T_g(z) = x_M^{j(z)} with j(z) = argmax_j g_j − ‖z − x_M^j‖², then M reverse steps).
+On several processes (hosts) every process calls them with the same arguments: each draws
+the same start noise (and DPM-OT the same map j(z), replicated), feeds its rows of each chunk
+to its devices and receives every sample (`gather_rows`), bitwise as one process would.
 
 Conventions
 -----------
@@ -49,10 +52,10 @@ from typing import Any, Callable, NamedTuple, Union
 
 import diffrax
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_ot_jax import distributed
 from ddpm_ot_jax import flow
 from ddpm_ot_jax import sde
 from ddpm_ot_jax import semidiscrete
@@ -1123,11 +1126,9 @@ def shard_rows(x: np.ndarray | Array, mesh: Any) -> Array:
 
 
 def gather_rows(x: Array, count: int) -> np.ndarray:
-  """The first `count` rows of a (possibly sharded, possibly multi-host) array, on the host:
-  the inverse of `shard_rows`."""
-  if jax.process_count() > 1 and not x.is_fully_addressable:
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(x)[:count]
+  """The first `count` rows of a (possibly sharded, possibly multi-host) array, on the host
+  of every process: the inverse of `shard_rows` (a collective on several hosts)."""
+  return distributed.allgather_to_host(x)[:count]
 
 
 def _draw_chunks(network: Network, key: Array, num_images: int, batch_size: int | None,

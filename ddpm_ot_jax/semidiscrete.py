@@ -404,7 +404,9 @@ def assign_sharded(z: Array, targets: Array | np.ndarray | ShardedTargets, g: Ar
   (replicated) batch z; the D per-device maxima are all-gathered and the largest wins (ties to
   the smaller index). Pass a `ShardedTargets` from `shard_targets` to place the targets once
   and reuse them across batches; otherwise `targets`, `g` and `mesh` (a Mesh or a list of
-  devices; default all devices) are placed on every call.
+  devices; default all devices) are placed on every call. A mesh over several processes
+  works alike: every process passes the same z (and targets, g) and gets the same indices,
+  bitwise those of one process (an all-gather and an argmax, no sums across processes).
   """
   if not isinstance(targets, ShardedTargets):
     if g is None:
@@ -438,16 +440,19 @@ class MongeMap:
 
 def monge_map(targets: np.ndarray, g: Any, devices: Sequence[Any] | None = None,
               block_size: int = 2048) -> MongeMap:
-  """The map T_g for targets (N, ...) and potential g (N,) on `devices` (default: the first).
+  """The map T_g for targets (N, ...) and potential g (N,) on `devices` (default: this
+  process's first).
 
   The targets stay on the host for the lookup; on one device the flattened targets are placed
   once and passed to the jitted blocked argmax as an argument (`assign`: never baked into the
   program as an N × d constant); on several the target axis is split across them
   (`shard_targets` once, `assign_sharded` per batch), so no device holds all N × d values.
+  The devices may span several processes: each then places its own devices' targets, every
+  process calls the map with the same z and gets the same (replicated) j(z).
   """
   targets = np.asarray(targets)
   flat = targets.reshape(len(targets), -1)
-  devices = list(devices) if devices is not None else jax.devices()[:1]
+  devices = list(devices) if devices is not None else jax.local_devices()[:1]
   if len(devices) > 1:
     sharded = shard_targets(flat, g, mesh=devices)
     index_fn = lambda z: assign_sharded(z, sharded, block_size=block_size)  # noqa: E731

@@ -23,8 +23,9 @@ Data parallelism: one `jax.jit` over a 1-D device mesh with axis 'data'. The bat
 along 'data', the state is replicated, and XLA inserts the gradient all-reduce. Random draws
 inside the step use jax's partitionable threefry, so they do not depend on the number of
 devices: the step on D devices computes the same numbers as on one (up to the order of the
-float sums). Several hosts: call `initialize_distributed()` first; each process then feeds its
-rows of the global batch (`global_batch`).
+float sums). Several hosts: join the run first (`distributed.initialize`, done by
+scripts/main.py); each process then feeds its rows of the global batch (`global_batch`, or
+`distributed.global_batch_from_local` from rows it loaded itself).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ddpm_ot_jax import distributed
 from ddpm_ot_jax import sde
 
 Array = jax.Array
@@ -213,16 +215,6 @@ def train_step(state: TrainState, images: Array, labels: Array, *, apply_fn: Cal
 # ----------------------------------------------------------------------------------------
 
 
-def initialize_distributed(**kwargs: Any) -> None:
-  """Joins a multi-host run (`jax.distributed.initialize`); call before any other jax call.
-
-  On TPU pods and SLURM/Open MPI clusters jax finds the coordinator itself; elsewhere pass
-  coordinator_address, num_processes, process_id. A second call is a no-op.
-  """
-  if not jax.distributed.is_initialized():
-    jax.distributed.initialize(**kwargs)
-
-
 def make_data_mesh(devices: list | None = None) -> Mesh:
   """A 1-D mesh with axis 'data' over `devices` (default: all devices of all hosts).
 
@@ -266,13 +258,12 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
 def global_batch(mesh: Mesh, array: np.ndarray) -> Array:
   """Places a global batch, the same on every host, as one array split along 'data'.
 
-  Each process passes on only its own rows (process p of P holds rows [p B/P, (p+1) B/P)).
+  Each process passes on only its own rows (`distributed.process_rows`); a process that
+  loaded only its own rows calls `distributed.global_batch_from_local` instead.
   """
   array = np.asarray(array)
-  rows = array.shape[0] // jax.process_count()
-  start = jax.process_index() * rows
-  return jax.make_array_from_process_local_data(
-      batch_sharded(mesh), array[start:start + rows], array.shape)
+  local = array[distributed.process_rows(array.shape[0])]
+  return distributed.global_batch_from_local(mesh, local, DATA_AXIS)
 
 
 def make_train_step(model: flax.linen.Module, tx: optax.GradientTransformation,

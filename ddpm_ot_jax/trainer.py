@@ -49,6 +49,7 @@ import numpy as np
 
 from ddpm_ot_jax import checkpoints
 from ddpm_ot_jax import data
+from ddpm_ot_jax import distributed
 from ddpm_ot_jax import samplers
 from ddpm_ot_jax import sde
 from ddpm_ot_jax import train
@@ -141,11 +142,15 @@ def hparams_from_config(config: ml_collections.ConfigDict,
 
 
 def data_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """The 1-D 'data' mesh over the first training.num_devices devices (0 or absent: all)."""
+  """The 1-D 'data' mesh over the first training.num_devices devices (0 or absent: all; in a
+  run of several processes it must be all, so that every process feeds its devices)."""
   devices = jax.devices()
   count = int(config.training.get("num_devices", 0) or len(devices))
   if not 1 <= count <= len(devices):
     raise ValueError(f"training.num_devices={count}, but there are {len(devices)} devices.")
+  if jax.process_count() > 1 and count != len(devices):
+    raise ValueError(f"training.num_devices={count}: a run of {jax.process_count()} processes "
+                     f"uses all {len(devices)} devices; set it to 0.")
   return train.make_data_mesh(devices[:count])
 
 
@@ -235,9 +240,14 @@ def train_ddpm(config: ml_collections.ConfigDict, checkpoint_dir: str, dataset: 
   checkpoint_dir: where the orbax checkpoints live (resumed from when present).
   model: the UNet (default `unet_from_config(config.model)`); init_params: starting
   parameters instead of a random init (fine-tuning imported weights); batches:
-  start_step ↦ iterator of global (images, labels) batches, by default
-  `data.batch_iterator(dataset, batch_size, config.seed, start_step, flip=data.flip)`;
+  start_step ↦ iterator of this process's rows (`distributed.process_rows`) of the global
+  (images, labels) batches, by default `data.batch_iterator(dataset, batch_size,
+  config.seed, start_step, flip=data.flip, num_shards=P, shard_index=p)` for process p of P
+  (each process loads only its own rows; the global batch is the same for any P);
   hooks: how progress is reported (`TrainHooks`).
+
+  Several processes: every one calls this with the same arguments; all take part in every
+  step and in the orbax saves and restores; only the hooks decide who writes files.
   """
   tc = config.training
   model = model if model is not None else unet.unet_from_config(config.model)
@@ -276,7 +286,8 @@ def train_ddpm(config: ml_collections.ConfigDict, checkpoint_dir: str, dataset: 
     if batches is None:
       batches = lambda start: data.batch_iterator(  # noqa: E731
           dataset, tc.batch_size, config.seed, start_step=start,
-          flip=bool(config.data.get("flip", False)))
+          flip=bool(config.data.get("flip", False)), num_shards=jax.process_count(),
+          shard_index=jax.process_index())
     iterator = batches(start_step)
     # CPU: wait on every step (sharded all-reduces can time out otherwise) and check the loss
     # each step; accelerators: check every log_every steps and before each checkpoint.
@@ -292,8 +303,8 @@ def train_ddpm(config: ml_collections.ConfigDict, checkpoint_dir: str, dataset: 
     window_start, window_step, window_sums, pending_loss = loop_start, start_step, [], None
     for step in range(start_step, num_steps):
       images, labels = next(iterator)
-      state, metrics = step_fn(state, train.global_batch(mesh, images),
-                               train.global_batch(mesh, labels))
+      state, metrics = step_fn(state, distributed.global_batch_from_local(mesh, images),
+                               distributed.global_batch_from_local(mesh, labels))
       done = step + 1
       pending_loss = (metrics["loss"] if pending_loss is None
                       else pending_loss + metrics["loss"])

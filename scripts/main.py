@@ -4,6 +4,14 @@ r"""Runs one experiment from an ml_collections config.
 
 Writes <workdir>/results.json (flat, named numbers), <workdir>/config.json and the
 experiment's figures (PNG) and arrays (.npz). --workdir defaults to runs/<config name>.
+
+Several processes (hosts) as one run: start this same command once per process with
+DDPM_OT_NUM_PROCESSES=P, DDPM_OT_PROCESS_ID=p (0 … P − 1) and
+DDPM_OT_COORDINATOR_ADDRESS=host:port (process 0's host and a free port) in the environment,
+or, on TPU pods and SLURM / Open MPI clusters where jax finds the run itself, with
+--config.training.distributed=True. The run is joined here, before anything touches jax
+devices (`ddpm_ot_jax.distributed.initialize`); the experiments never read the environment.
+Only process 0 logs progress and writes files; all processes end together (a barrier).
 """
 from __future__ import annotations
 
@@ -90,14 +98,33 @@ def _parse_flags(argv: list[str]) -> list[str]:
     raise  # unreachable
 
 
+def _join_run(config) -> None:
+  """Joins the run of several processes named by the environment (`distributed.ENV_*`), or
+  the one jax detects itself when config.training.distributed is set; a single process
+  otherwise. Errors (a missing variable, the coordinator's port in use) end in one line."""
+  from ddpm_ot_jax import distributed  # pylint: disable=g-import-not-at-top
+
+  try:
+    args = distributed.args_from_env(os.environ)
+    if args["num_processes"] == 1 and config.get("training", {}).get("distributed", False):
+      args = {}  # TPU pods, SLURM, Open MPI: jax finds the coordinator and the processes
+    distributed.initialize(**args)
+  except (ValueError, RuntimeError) as e:
+    _fail(f"cannot join the run of several processes: {e}")
+  if not distributed.is_chief():
+    logging.set_verbosity(logging.WARNING)  # progress lines come from process 0
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; config overrides look like --config.KEY=VALUE.")
   config = _CONFIG.value
   config_name = os.path.splitext(os.path.basename(_config_path(sys.argv)))[0]
   workdir = _WORKDIR.value or os.path.join("runs", config_name)
+  _join_run(config)  # before anything touches jax devices
   os.makedirs(workdir, exist_ok=True)
 
+  from ddpm_ot_jax import distributed  # pylint: disable=g-import-not-at-top
   from ddpm_ot_jax.experiments import common  # pylint: disable=g-import-not-at-top
 
   if not config.get("experiment"):
@@ -137,6 +164,11 @@ def main(argv: list[str]) -> None:
   # belong to the results.json beside it.
   common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   common.write_json(os.path.join(workdir, "results.json"), results)
+  # Processes exit together: jax aborts all of them when they exit further apart than its
+  # shutdown timeout (process 0 was writing while the others had finished).
+  distributed.barrier("scripts/main.py: end")
+  if not distributed.is_chief():
+    return
   print(f"Wrote {os.path.join(workdir, 'results.json')}")
   for key in sorted(results):
     value = results[key]

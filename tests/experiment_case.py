@@ -13,10 +13,13 @@ from ddpm_ot_jax.experiments import common
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_main(*args: str, cwd: str = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
-  """`python scripts/main.py *args` in `cwd`; returns the finished process (text output)."""
+def run_main(*args: str, cwd: str = ROOT, timeout: float = 600,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+  """`python scripts/main.py *args` in `cwd` (env: extra environment variables); returns the
+  finished process (text output)."""
   return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "main.py"), *args],
-                        cwd=cwd, capture_output=True, text=True, timeout=timeout)
+                        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                        env=dict(os.environ, **(env or {})))
 
 
 def run_on_cpu_devices(*args: str, num_devices: int = 4,

@@ -46,6 +46,19 @@ class MainTest(absltest.TestCase):
     self.assertIn('"dims"', proc.stderr)
     self.assertNotIn("Traceback", proc.stderr)
 
+  def test_incomplete_run_of_several_processes_is_one_line(self):
+    """DDPM_OT_NUM_PROCESSES=2 without the coordinator's address and the process index: exit
+    code 2 and one line naming both, before anything is created or computed."""
+    with tempfile.TemporaryDirectory() as root:
+      workdir = os.path.join(root, "run")
+      proc = _main("--config=configs/gaussian_ot.py", f"--workdir={workdir}",
+                   env={"DDPM_OT_NUM_PROCESSES": "2"})
+      self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
+      self.assertIn("error: cannot join the run of several processes: DDPM_OT_NUM_PROCESSES=2 "
+                    "but DDPM_OT_COORDINATOR_ADDRESS, DDPM_OT_PROCESS_ID unset.", proc.stderr)
+      self.assertNotIn("Traceback", proc.stderr)
+      self.assertFalse(os.path.exists(workdir))
+
   def test_default_config_loads_from_any_directory(self):
     """With no --config, main.py loads configs/digits_dpmot.py (which imports another config)
     from any working directory: a misspelt override of it names its valid keys."""

@@ -31,6 +31,35 @@ def _tiny_config(num_devices: int):
   return config
 
 
+STATE_FIELDS = ("params", "ema_params", "opt_state", "step", "rng")
+
+
+def state_leaves(state) -> dict[str, list[np.ndarray]]:
+  """{field: its leaves as host arrays} of a TrainState (replicated leaves, any process)."""
+  return {field: [np.asarray(x) for x in jax.tree.leaves(getattr(state, field))]
+          for field in STATE_FIELDS}
+
+
+def assert_states_close(a: dict[str, list[np.ndarray]], b: dict[str, list[np.ndarray]],
+                        lr: float) -> None:
+  """Two training states (`state_leaves`) equal up to float summation order: ≤ 1e-5 relative,
+  step and key exactly.
+
+  Adam moves every coordinate by ≈ lr · m/√v whatever the gradient's size, so a coordinate
+  whose gradient is ~0 (a bias cancelled by the GroupNorm after it) has a step that summation
+  order can change by a fraction of lr: params and EMA get 1e-2 · lr of slack.
+  """
+  for field in STATE_FIELDS:
+    slack = 1e-2 * lr if field in ("params", "ema_params") else 0.0
+    assert len(a[field]) == len(b[field]), field
+    for x, y in zip(a[field], b[field]):
+      if np.issubdtype(x.dtype, np.floating):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6 * (1 + np.max(np.abs(y))) + slack,
+                                   err_msg=field)
+      else:
+        np.testing.assert_array_equal(x, y, err_msg=field)
+
+
 class DataParallelTest(absltest.TestCase):
 
   def test_four_devices_equal_one(self):
@@ -66,20 +95,8 @@ class DataParallelTest(absltest.TestCase):
     self.assertTrue(leaf.sharding.is_fully_replicated)
     np.testing.assert_allclose(four.final_loss, one.final_loss, rtol=1e-5)
     self.assertEqual(int(four.state.step), 3)
-    # Adam moves every coordinate by ≈ lr · m/√v whatever the gradient's size, so a coordinate
-    # whose gradient is ~0 (a bias cancelled by the GroupNorm after it) has a step that
-    # summation order can change by a fraction of lr: params and EMA get that much slack.
-    step_slack = 1e-2 * _tiny_config(1).training.lr
-    for field in ("params", "ema_params", "opt_state", "step", "rng"):
-      slack = step_slack if field in ("params", "ema_params") else 0.0
-      for a, b in zip(jax.tree.leaves(getattr(four.state, field)),
-                      jax.tree.leaves(getattr(one.state, field))):
-        a, b = np.asarray(a), np.asarray(b)
-        if np.issubdtype(a.dtype, np.floating):
-          np.testing.assert_allclose(a, b, rtol=1e-5,
-                                     atol=1e-6 * (1 + np.max(np.abs(b))) + slack, err_msg=field)
-        else:
-          np.testing.assert_array_equal(a, b, err_msg=field)
+    assert_states_close(state_leaves(four.state), state_leaves(one.state),
+                        _tiny_config(1).training.lr)
     with checkpoints.Checkpointer(os.path.join(root, str(NUM_DEVICES), "checkpoints")) as ckpt:
       self.assertEqual(ckpt.all_steps(), [2, 3])
       restored = ckpt.restore(four.state)

@@ -1,5 +1,12 @@
 """What every experiment needs: atomic file writes, figures, float64 switch, timing, and the
-training loop's reporting (progress lines, metrics.jsonl, sample grids)."""
+training loop's reporting (progress lines, metrics.jsonl, sample grids).
+
+In a run of several processes (scripts/main.py joins them, `distributed.initialize`) every
+process computes everything, and only process 0 writes files: the writers here (`write_json`,
+`write_text`, `write_bytes`, `save_npz`, `save_figure`, `save_image_grid`, the training hooks)
+return without writing in the other processes. orbax checkpoints are the exception: every
+process calls their save and restore (orbax writes from the primary host).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -15,6 +22,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from ddpm_ot_jax import distributed
 from ddpm_ot_jax import plotting
 from ddpm_ot_jax import trainer
 
@@ -56,15 +64,30 @@ def _to_jsonable(value: Any) -> Any:
 
 
 def write_json(path: str, obj: Any) -> None:
-  """Writes `obj` (numpy/jax values converted, NaN/Inf as null) as indented JSON, atomically."""
+  """Writes `obj` (numpy/jax values converted, NaN/Inf as null) as indented JSON, atomically
+  (process 0 only)."""
+  write_text(path, json.dumps(_to_jsonable(obj), indent=2, sort_keys=True, allow_nan=False)
+             + "\n")
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `text` to `path`, atomically (process 0 only)."""
+  write_bytes(path, text.encode())
+
+
+def write_bytes(path: str, blob: bytes) -> None:
+  """Writes `blob` to `path`, atomically (process 0 only)."""
+  if not distributed.is_chief():
+    return
   with atomic_path(path) as tmp:
-    with open(tmp, "w") as f:
-      json.dump(_to_jsonable(obj), f, indent=2, sort_keys=True, allow_nan=False)
-      f.write("\n")
+    with open(tmp, "wb") as f:
+      f.write(blob)
 
 
 def save_npz(path: str, **arrays: Any) -> None:
-  """Saves arrays to a compressed .npz, atomically."""
+  """Saves arrays to a compressed .npz, atomically (process 0 only)."""
+  if not distributed.is_chief():
+    return
   with atomic_path(path) as tmp:
     np.savez_compressed(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
 
@@ -73,18 +96,21 @@ def save_figure(fig: "matplotlib.figure.Figure", path: str, dpi: int = 120) -> N
   """Saves a matplotlib figure as PNG, atomically; closes it if pyplot manages it.
 
   Figures here are plain `matplotlib.figure.Figure`s (no pyplot, so no backend is chosen or
-  switched, in scripts or notebooks alike).
+  switched, in scripts or notebooks alike). Process 0 only.
   """
-  with atomic_path(path) as tmp:
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+  if distributed.is_chief():
+    with atomic_path(path) as tmp:
+      fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
   if "matplotlib.pyplot" in sys.modules:
     sys.modules["matplotlib.pyplot"].close(fig)
 
 
 def save_image_grid(images: np.ndarray, path: str, title: str = "",
                     columns: int | None = None) -> None:
-  """Writes `plotting.image_grid_figure(images, title)` as a PNG, atomically."""
-  save_figure(plotting.image_grid_figure(images, title, columns), path)
+  """Writes `plotting.image_grid_figure(images, title)` as a PNG, atomically (process 0
+  only)."""
+  if distributed.is_chief():
+    save_figure(plotting.image_grid_figure(images, title, columns), path)
 
 
 def format_seconds(seconds: float) -> str:
@@ -157,7 +183,7 @@ def training_hooks(workdir: str, grids: bool = True) -> trainer.TrainHooks:
   grids to <workdir>/grids/step_<k>.png. Files are written by process 0 only."""
   quiet_orbax_logs()
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  is_chief = jax.process_index() == 0
+  is_chief = distributed.is_chief()
 
   def on_start(start_step: int, num_steps: int, info: dict) -> None:
     if info.get("resumed"):
@@ -180,8 +206,7 @@ def training_hooks(workdir: str, grids: bool = True) -> trainer.TrainHooks:
                  record["steps_per_second"], format_seconds(record["eta_seconds"]))
 
   def on_grid(step: int, samples) -> None:
-    if is_chief:
-      save_image_grid(samples.images, os.path.join(workdir, "grids", f"step_{step:07d}.png"),
-                      f"EMA samples at step {step} (DDIM, {samples.nfe} NFE)")
+    save_image_grid(samples.images, os.path.join(workdir, "grids", f"step_{step:07d}.png"),
+                    f"EMA samples at step {step} (DDIM, {samples.nfe} NFE)")
 
   return trainer.TrainHooks(on_start, on_record, on_grid if grids else None)

@@ -44,6 +44,14 @@ Stages, each cached in the workdir under a fingerprint of its inputs (`stages`):
             at rtol = atol = evaluation.solver_error_rtol: whether a sampler solves the ODE
             better, apart from whether its images score better.
 
+Several processes (hosts; scripts/main.py joins them): every process runs every stage with
+the same arguments. Training feeds each process's rows of every batch; latents are computed
+alike by all; the OT potential is solved by each on one device and process 0's g is used by
+all; the Monge map's targets are split over all devices; samples are drawn on all devices and
+gathered to every process, which evaluates them itself (the same numbers everywhere; nothing
+is broadcast). Only process 0 writes files (`common`); a stage's cache is reused only when
+every process finds it (`stages`).
+
 Methods (evaluation.methods; one spelling for config, results keys and files; the table
 label in brackets): 'ddpm' [DDPM-N], 'pf_ode' [PF-ODE], '<family>_<k>' for the few-step
 families of `FAMILIES` with k network calls ('ddim_10' [DDIM-10], 'dpm_solver_10'
@@ -77,6 +85,7 @@ import numpy as np
 
 from ddpm_ot_jax import checkpoints
 from ddpm_ot_jax import data
+from ddpm_ot_jax import distributed
 from ddpm_ot_jax import flow
 from ddpm_ot_jax import metrics
 from ddpm_ot_jax import plotting
@@ -352,22 +361,32 @@ def _expressway(config, network, model_fp: str, targets: np.ndarray, switch_inde
   ot_fp = stages.fingerprint(dict(latents=lat_fp, ot=oc, source=dc.source))
   directory = stages.stage_dir(workdir, "ot", ot_fp)
   with checkpoints.Checkpointer(directory, keep=1, async_save=False) as ckpt:
-    if ckpt.latest_step() is not None:
-      stored = ckpt.restore({"g": jnp.zeros((len(latents),), jnp.float32),
-                             "diagnostics": jnp.zeros((len(_DIAG_KEYS),), jnp.float32)})
+    # Host (numpy) arrays: orbax writes them from the primary host and restores them in all.
+    if distributed.all_processes(ckpt.latest_step() is not None):
+      stored = ckpt.restore({"g": np.zeros((len(latents),), np.float32),
+                             "diagnostics": np.zeros((len(_DIAG_KEYS),), np.float32)})
       g, diag = stored["g"], _diagnostics_from_array(np.asarray(stored["diagnostics"]))
       logging.info("OT potential at M=%d reused from %s", switch_index, directory)
     else:
       logging.info("Solving semi-discrete OT at M=%d: N=%d targets in d=%d, up to %d "
                    "iterations", switch_index, len(latents), latents[0].size, oc.num_iterations)
+      # Every process solves on its own first device with the same key (the same g, bit for
+      # bit); process 0's g and diagnostics are then used everywhere, so they cannot differ.
       g, diag = semidiscrete.solve_potential(
-          _key(config, OT_STREAM), jnp.asarray(latents), source=dc.source,
-          num_iterations=oc.num_iterations, batch_size=oc.batch_size,
+          _key(config, OT_STREAM), jax.device_put(latents, jax.local_devices()[0]),
+          source=dc.source, num_iterations=oc.num_iterations, batch_size=oc.batch_size,
           learning_rate=oc.learning_rate, error_eval_every=oc.error_eval_every,
           error_batch_size=oc.error_batch_size or None, chi2_threshold=oc.chi2_threshold,
           num_check_samples=oc.check_samples)
-      values = np.array([float(diag.get(k, np.nan)) for k in _DIAG_KEYS])
-      ckpt.save(0, {"g": jnp.asarray(g, jnp.float32), "diagnostics": jnp.asarray(values, jnp.float32)})
+      solved = distributed.allgather_to_host(np.asarray(g, np.float32))  # (processes, N)
+      if any(not np.array_equal(solved[0], other) for other in solved[1:]):
+        logging.warning("The processes solved different OT potentials at M=%d (max |Δg| "
+                        "%.3g); all use process 0's.", switch_index,
+                        float(np.max(np.abs(solved - solved[0]))))
+      g = solved[0]
+      values = distributed.chief_value(
+          np.array([float(diag.get(k, np.nan)) for k in _DIAG_KEYS], np.float32))
+      ckpt.save(0, {"g": g, "diagnostics": values})
       diag = _diagnostics_from_array(values)
       logging.info("OT at M=%d: %d iterations, %.1f s, χ² %.2e, converged %s, empty cells %s",
                    switch_index, diag["iterations"], diag["seconds"], diag["chi2_error"],
@@ -469,16 +488,14 @@ def _evaluator(config, inputs: Inputs, targets: np.ndarray, workdir: str) -> Eva
   fp = stages.fingerprint(dict(seed=config.seed, data=config.data, split=ec.classifier_split,
                                kind="classifier", steps=steps))
   path = os.path.join(workdir, f"classifier-{fp[:12]}.msgpack")
-  if os.path.exists(path):
+  if distributed.all_processes(os.path.exists(path)):
     with open(path, "rb") as f:
       params = flax.serialization.msgpack_restore(f.read())
-  else:
+  else:  # trained by every process alike (local device, same key); process 0 writes it
     params = classifier.train_classifier(_key(config, CLASSIFIER_STREAM), train_set.images,
                                          train_set.labels, num_classes=train_set.num_classes,
                                          num_steps=steps)
-    with common.atomic_path(path) as tmp:
-      with open(tmp, "wb") as f:
-        f.write(flax.serialization.msgpack_serialize(jax.device_get(params)))
+    common.write_bytes(path, flax.serialization.msgpack_serialize(jax.device_get(params)))
   probs = lambda images: np.asarray(classifier.predict_probs(params, images))  # noqa: E731
   feats = lambda images: np.asarray(classifier.features(params, images))  # noqa: E731
   accuracy = float(np.mean(np.argmax(probs(reference.images), -1) == reference.labels))
@@ -725,9 +742,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   verdict_table, verdict_keys = _verdicts(rows)
   results.update(verdict_keys)
   for path, text in (("comparison.md", table), ("verdicts.md", verdict_table)):
-    with common.atomic_path(os.path.join(workdir, path)) as tmp:
-      with open(tmp, "w") as f:
-        f.write(text)
+    common.write_text(os.path.join(workdir, path), text)
   logging.info("\n%s\n%s", table, verdict_table)
 
   if ec.solver_error_samples:
@@ -762,9 +777,7 @@ def _solver_errors(config, network, methods: list[Method], spacings: dict, image
     lines.append(f"| {method.label} | {result.nfe} | {error:.4f} |")
   text = (f"RMS distance to the PF-ODE solution (adaptive, rtol {ec.solver_error_rtol:g}, "
           f"{reference.nfe} NFE) from the same {num} x_T.\n\n" + "\n".join(lines) + "\n")
-  with common.atomic_path(os.path.join(workdir, "solver_error.md")) as tmp:
-    with open(tmp, "w") as f:
-      f.write(text)
+  common.write_text(os.path.join(workdir, "solver_error.md"), text)
   logging.info("\n%s", text)
   return out
 

@@ -4,6 +4,13 @@ A stage's inputs are a JSON-able dict (the config fields it reads plus the finge
 the stages it consumes). Its fingerprint is the SHA-256 of that dict; the stage's files live
 under <workdir>/<stage>-<fingerprint[:12]>/ or carry the fingerprint inside them, so a
 changed input never silently reuses an old result and never overwrites it either.
+
+Several processes: the workdir must be one folder they all see (a shared file system, as
+orbax needs too). A stage is reused only when every process finds it (`distributed.
+all_processes`), else every process computes it, so all take the same branch and make the
+same collective calls; stage computations give the same arrays in every process (samples are
+gathered to all), and process 0 alone writes them. The others do not wait for the write:
+they already hold the arrays.
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ddpm_ot_jax import distributed
 from ddpm_ot_jax.experiments import common
 
 
@@ -42,17 +50,27 @@ def stage_dir(workdir: str, name: str, fp: str) -> str:
 
 def cached_arrays(path: str, fp: str, compute: Callable[[], dict[str, np.ndarray]]
                   ) -> tuple[dict[str, np.ndarray], bool]:
-  """Loads the arrays at `path` if they were written for fingerprint `fp`, else computes,
-
-  writes (atomically, fingerprint inside) and returns them. Returns (arrays, was_cached).
+  """Loads the arrays at `path` if they were written for fingerprint `fp` (and every process
+  finds them), else computes, writes (process 0, atomically, fingerprint inside) and returns
+  them. Returns (arrays, was_cached).
   """
-  if os.path.exists(path):
-    try:
-      with np.load(path) as stored:
-        if str(stored["_fingerprint"]) == fp:
-          return {k: stored[k] for k in stored.files if k != "_fingerprint"}, True
-    except (OSError, ValueError, KeyError):
-      pass  # unreadable or foreign file: recompute below (written atomically beside it)
+  stored = _load_arrays(path, fp)
+  if distributed.all_processes(stored is not None):
+    return stored, True
   arrays = compute()
   common.save_npz(path, _fingerprint=np.array(fp), **arrays)
   return arrays, False
+
+
+def _load_arrays(path: str, fp: str) -> dict[str, np.ndarray] | None:
+  """The arrays at `path` if they were written for fingerprint `fp`; None otherwise
+  (missing, unreadable or foreign: recomputed and written atomically beside it)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path) as stored:
+      if str(stored["_fingerprint"]) == fp:
+        return {k: stored[k] for k in stored.files if k != "_fingerprint"}
+  except (OSError, ValueError, KeyError):
+    pass
+  return None

@@ -1,9 +1,9 @@
 """Experiment `train_ddpm`: train a DDPM, sample from its EMA parameters, evaluate.
 
 Configs: configs/digits_ddpm.py (CPU, minutes) and configs/cifar10_ddpm.py (the DDPM paper's
-CIFAR-10 setup). Stages:
+CIFAR-10 setup). Stages (several processes: scripts/main.py has joined them; see
+`common` for who writes):
 
-0. With `training.distributed`, join the multi-host run (`jax.distributed.initialize`).
 1. Data: `data.load_dataset(data.name, 'train', data.root, data.resolution)`.
 2. Model: `unet_from_config(config.model)`, or the architecture and weights of a diffusers
    UNet2DModel when `training.init_from_diffusers` names one (fine-tuning the published
@@ -41,7 +41,6 @@ from absl import logging
 
 from ddpm_ot_jax import data
 from ddpm_ot_jax import samplers
-from ddpm_ot_jax import train
 from ddpm_ot_jax import trainer
 from ddpm_ot_jax.experiments import common
 from ddpm_ot_jax.models import unet
@@ -103,8 +102,6 @@ def _load(config: ml_collections.ConfigDict, split: str) -> data.ImageDataset:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, samples and evaluates; returns the flat results dict (see the module docstring)."""
-  if config.training.get("distributed", False):
-    train.initialize_distributed()  # before anything asks jax for its devices
   check_sampling(config)
   stopwatch = common.Stopwatch()
   dataset = _load(config, "train")
