@@ -159,8 +159,6 @@ def _bits_per_dim_batch(eps_fn, levels, indices, key, *, view, t_start, options,
 def _image_bits_per_dim(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Part 1 of the module docstring; returns its results."""
   lc = config.likelihood
-  if config.training.distributed:
-    train.initialize_distributed()  # before anything asks jax for its devices
   evaluation = _load(config, lc.split)
   num_levels = data.NUM_LEVELS[config.data.name]
   levels = data.pixel_levels(evaluation.images, num_levels)
