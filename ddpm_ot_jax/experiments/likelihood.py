@@ -71,7 +71,6 @@ from ddpm_ot_jax import gaussian
 from ddpm_ot_jax import gmm
 from ddpm_ot_jax import samplers
 from ddpm_ot_jax import sde
-from ddpm_ot_jax import train
 from ddpm_ot_jax import trainer
 from ddpm_ot_jax.experiments import common
 from ddpm_ot_jax.experiments import stages
