@@ -38,6 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
   config = digits_ddpm.network_config()
   config.experiment = "latent_ot"
   small_digits_training(config)
+  # Imported weights come from a model spec (source='diffusers'), not from the training block.
+  del config.training.init_from_diffusers
   # Where the DDPMs are trained ('' = <workdir>/models). Experiments that share it share the
   # models of equal specs (folder names carry the fingerprint of the training inputs).
   config.models_dir = ""
