@@ -18,7 +18,7 @@ subfolders and rename the models accordingly in a copy of this file.
 import ml_collections
 
 from configs import digits_shared_latents
-from ddpm_ot_jax.experiments import latent_ot
+from ddpm_ot_jax import model_sources
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -38,9 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
       keep_checkpoints=2, sample_every=20_000, grid_samples=16, grid_sampler_steps=100,
   ))
   config.models = ml_collections.ConfigDict(dict(
-      cat=latent_ot.model_spec(subfolder="cat"),
-      dog=latent_ot.model_spec(subfolder="dog"),
-      wild=latent_ot.model_spec(subfolder="wild"),
+      cat=model_sources.model_spec(subfolder="cat"),
+      dog=model_sources.model_spec(subfolder="dog"),
+      wild=model_sources.model_spec(subfolder="wild"),
   ))
   config.shared_latents.update(dict(
       num_latents=64, grid_latents=8, sampler="ddim", num_steps=1000, batch_size=16,

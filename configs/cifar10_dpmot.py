@@ -37,8 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
       ot=ml_collections.ConfigDict(dict(
           num_iterations=50_000,  # cap (and cosine-decay horizon) of the potential's Adam
           batch_size=1024,  # source samples per iteration
-          # Adam's step size on g. Not measured at N = 5000, d = 3072 yet: lr · iterations must
-          # exceed the range of the optimal g, which grows with M and d; watch ot_converged_m*.
+          # Adam's step size on g: lr · iterations must exceed the range of the optimal g, which
+          # grows with M and d (results: ot_converged_m*).
           learning_rate=0.05,
           error_eval_every=2000,  # iterations between χ² checks (stop when below threshold)
           chi2_threshold=2.5e-3,  # χ² of the cell masses vs 1/N that counts as converged
@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
       batch_size=500,  # images per sampler call
       reference_split="test[5000:]",  # FID/KID reference: seen by no model and no target
       floor_split="train[:5000]",  # real non-target images: the data floor, novelty reference
-      classifier_split="",  # unused with Inception features
+      classifier_split="",  # training split of the digits classifier (features='classifier')
       tuning_split="",  # reference of the spacing choice ('': the targets)
       tuning_num_samples=2000,  # images per validation draw of the spacing choice
       max_novelty_images=5000,  # floor images used as the memorization reference
@@ -65,9 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
       inception_weights="",  # "": $FID_INCEPTION_WEIGHTS, torch hub cache, ~/.cache/ddpm_ot_jax
       inception_width=1.0,  # channel scale of the Inception net (1.0: pytorch-fid's)
       inception_resize=299,  # its input size (299: pytorch-fid's)
-      classifier_steps=0,  # unused with Inception features
+      classifier_steps=0,  # training steps of the digits classifier (features='classifier')
       pr_k=3,  # k of the k-NN manifolds of precision / recall
-      mmr_lambda=0.11,  # unused without a classifier (MMR needs class probabilities)
+      mmr_lambda=0.11,  # MMR's λ (features='classifier': MMR needs class probabilities)
       mmr_sweep=(0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4),
       solver_error_samples=0,  # x_T for the RMS-to-ODE diagnostic (0: off)
       solver_error_rtol=1e-5,  # tolerance of its adaptive PF-ODE reference

@@ -16,7 +16,7 @@ path (on CPU it goes no further than that).
 import ml_collections
 
 from configs import digits_latent_ot
-from ddpm_ot_jax.experiments import latent_ot
+from ddpm_ot_jax import model_sources
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -36,8 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
       keep_checkpoints=2, sample_every=50_000,
   ))
   config.models = ml_collections.ConfigDict(dict(
-      own=latent_ot.model_spec(source="diffusers", path="checkpoints/ddpm-cifar10-32"),
-      other=latent_ot.model_spec(transform="transpose"),
+      own=model_sources.model_spec(source="diffusers", path="checkpoints/ddpm-cifar10-32"),
+      other=model_sources.model_spec(transform="transpose"),
   ))
   config.latent_ot.update(dict(
       split="test",  # the 10,000 CIFAR-10 test images

@@ -20,7 +20,7 @@ trained models and only encodes: 3.4 CPU-minutes (3 min wall at load ≈ 4).
 import ml_collections
 
 from configs import digits_ddpm
-from ddpm_ot_jax.experiments import latent_ot
+from ddpm_ot_jax import model_sources
 
 
 def small_digits_training(config: ml_collections.ConfigDict) -> None:
@@ -38,12 +38,14 @@ def get_config() -> ml_collections.ConfigDict:
   config = digits_ddpm.network_config()
   config.experiment = "latent_ot"
   small_digits_training(config)
+  # Imported weights come from a model spec (source='diffusers'), not from the training block.
+  del config.training.init_from_diffusers
   # Where the DDPMs are trained ('' = <workdir>/models). Experiments that share it share the
   # models of equal specs (folder names carry the fingerprint of the training inputs).
   config.models_dir = ""
   config.models = ml_collections.ConfigDict(dict(
-      own=latent_ot.model_spec(),  # all digits of the training split
-      other=latent_ot.model_spec(transform="transpose"),  # the transposed digits
+      own=model_sources.model_spec(),  # all digits of the training split
+      other=model_sources.model_spec(transform="transpose"),  # the transposed digits
   ))
   config.latent_ot = ml_collections.ConfigDict(dict(
       split="heldout",  # the encoded images: 300 held-out digits (never seen in training)

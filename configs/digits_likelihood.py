@@ -6,8 +6,8 @@ python scripts/main.py --config=configs/digits_likelihood.py
 python scripts/main.py --config=configs/digits_likelihood.py --config.likelihood.num_probes=4
 
 The DDPM is configs/digits_ddpm.py's (same data, model, diffusion and training blocks, so the
-same model stage folder model-<fp> as configs/digits_dpmot.py: copy it over to reuse a trained
-model). Digits pixels take 17 values (0..16): they are dequantized as y = 2(k + u)/17 − 1 and
+same model stage folder model-<fingerprint> as configs/digits_dpmot.py: copy it over to reuse a
+trained model). Digits pixels take 17 values (0..16): they are dequantized as y = 2(k + u)/17 − 1 and
 bits/dim = (−log p(y) + 64 log 8.5)/(64 log 2) (experiments/likelihood.py, flow.bits_per_dim).
 """
 import ml_collections

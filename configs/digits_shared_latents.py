@@ -18,7 +18,7 @@ and for each VAE). A rerun in the same workdir reuses the trained models.
 import ml_collections
 
 from configs import digits_latent_ot
-from ddpm_ot_jax.experiments import latent_ot
+from ddpm_ot_jax import model_sources
 
 LOW, HIGH = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 
@@ -28,10 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
   del config.latent_ot
   config.experiment = "shared_latents"
   config.models = ml_collections.ConfigDict(dict(
-      digits_0to4=latent_ot.model_spec(classes=LOW),
-      digits_5to9=latent_ot.model_spec(classes=HIGH),
-      digits_0to4_seed1=latent_ot.model_spec(classes=LOW, seed_offset=1),
-      conditional=latent_ot.model_spec(num_classes=10, labels=tuple(range(10))),
+      digits_0to4=model_sources.model_spec(classes=LOW),
+      digits_5to9=model_sources.model_spec(classes=HIGH),
+      digits_0to4_seed1=model_sources.model_spec(classes=LOW, seed_offset=1),
+      conditional=model_sources.model_spec(num_classes=10, labels=tuple(range(10))),
   ))
   config.shared_latents = ml_collections.ConfigDict(dict(
       num_latents=100,  # N latents z ~ N(0, I) decoded by every model

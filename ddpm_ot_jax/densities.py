@@ -341,14 +341,14 @@ def potential(gaussian: PerturbedGaussian, x: Array) -> Array:
   return 0.5 * x @ x + gaussian.epsilon * bump(gaussian, x)
 
 
-def ot_map(gaussian: PerturbedGaussian, x: Array) -> Array:
+def brenier_map(gaussian: PerturbedGaussian, x: Array) -> Array:
   """∇u(x) = x + ε ∇φ(x): the Brenier map μ0 → N(0, I), one point."""
   return jax.grad(potential, argnums=1)(gaussian, x)
 
 
 def log_prob_perturbed(gaussian: PerturbedGaussian, x: Array) -> Array:
   """log p0(x) = log N(∇u(x); 0, I) + log det ∇²u(x), one point."""
-  z = ot_map(gaussian, x)
+  z = brenier_map(gaussian, x)
   hess = jax.hessian(potential, argnums=1)(gaussian, x)
   return -0.5 * z @ z - jnp.log(2.0 * jnp.pi) + jnp.linalg.slogdet(hess)[1]
 
@@ -358,11 +358,11 @@ def score_perturbed(gaussian: PerturbedGaussian, x: Array) -> Array:
   return jax.grad(log_prob_perturbed, argnums=1)(gaussian, x)
 
 
-def invert_ot_map(gaussian: PerturbedGaussian, z: Array, num_steps: int = 40) -> Array:
+def invert_brenier_map(gaussian: PerturbedGaussian, z: Array, num_steps: int = 40) -> Array:
   """x with ∇u(x) = z, by Newton's method from x = z (u is strongly convex), one point."""
 
   def step(x, _):
-    residual = ot_map(gaussian, x) - z
+    residual = brenier_map(gaussian, x) - z
     hess = jax.hessian(potential, argnums=1)(gaussian, x)
     return x - jnp.linalg.solve(hess, residual), None
 
@@ -373,5 +373,5 @@ def invert_ot_map(gaussian: PerturbedGaussian, z: Array, num_steps: int = 40) ->
 def sample_perturbed(gaussian: PerturbedGaussian, key: Array, n: int) -> tuple[Array, Array]:
   """(x, z): z ~ N(0, I) and x = (∇u)⁻¹(z) ~ μ0, exactly (Newton converges to round-off)."""
   z = jax.random.normal(key, (n, 2), jnp.float64)
-  x = jax.jit(jax.vmap(invert_ot_map, in_axes=(None, 0)))(gaussian, z)
+  x = jax.jit(jax.vmap(invert_brenier_map, in_axes=(None, 0)))(gaussian, z)
   return x, z

@@ -607,10 +607,19 @@ def saved_times(t_max: float, num: int) -> np.ndarray:
   return time_levels(GridSpec(num_time_steps=num - 1, t_max=t_max))
 
 
+# `jitted`'s pair: encode(tables, x0 (n, 2)) -> FlowSolution, encoder_jacobian(tables, x0) -> (n, 2, 2).
+EncodeFn = Callable[["ScoreTables", Array], flow.FlowSolution]
+JacobianFn = Callable[["ScoreTables", Array], Array]
+
+# Trajectory times the 2-D experiments save (Fig. 4): one value, so that their `jitted` solves
+# share one compilation within a process.
+NUM_SAVED_TIMES = 65
+
+
 @functools.lru_cache(maxsize=None)
 def jitted(
     options: flow.SolverOptions = flow.SolverOptions(), num_saved_times: int = 0
-) -> tuple[Callable[[ScoreTables, Array], flow.FlowSolution], Callable[[ScoreTables, Array], Array]]:
+) -> tuple[EncodeFn, JacobianFn]:
   """(encode, encoder_jacobian) jit-compiled for these options, shared by all callers (each
   compiles once per table shape and batch size). With num_saved_times > 0 encode also returns
   the trajectories at `saved_times(t_max, num_saved_times)`."""

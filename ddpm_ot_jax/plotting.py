@@ -1,5 +1,6 @@
-"""Figures of the theory lab: Fig. 1 (Gaussian flow), the mixture OT tests, Figs. 2–4 of Sec. 3.4
-and the perturbed-Gaussian sweep. Each function takes plain arrays and returns a Figure.
+"""Figures: Fig. 1 (Gaussian flow), the mixture OT tests, Figs. 2–4 of Sec. 3.4, the
+perturbed-Gaussian sweep, image grids and rows (Figs. 5–6), the transport plans of Fig. 7 and
+the DPM-OT curves. Each function takes plain arrays and returns a Figure.
 
 Figures are `matplotlib.figure.Figure` objects, made without pyplot: importing this module
 neither selects nor changes a backend (a notebook keeps its own), and nothing is registered
@@ -274,6 +275,47 @@ def image_grid_figure(images: np.ndarray, title: str = "", columns: int | None =
   ax.set_axis_off()
   if title:
     ax.set_title(title, fontsize=9)
+  return fig
+
+
+def image_rows_figure(rows: Sequence[tuple[str, np.ndarray]], title: str = "") -> Figure:
+  """One labelled row of images per entry of `rows` ((label, (n, H, W, C) images on [−1, 1]),
+  all rows n images of one shape), e.g. the same latents decoded by several models (Figs.
+  5–6) or images beside their codes and reconstructions."""
+  columns = len(rows[0][1])
+  height = rows[0][1].shape[1] / rows[0][1].shape[2]
+  fig = Figure(figsize=(9, 9 / columns * height * len(rows) * 1.1 + (0.4 if title else 0.2)))
+  axes = fig.subplots(len(rows), 1, squeeze=False)
+  fig.subplots_adjust(hspace=0.08)
+  for ax, (label, images) in zip(axes[:, 0], rows):
+    grid = image_grid(np.clip(images, -1.0, 1.0), columns=columns)
+    ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1,
+              interpolation="nearest")
+    ax.set_axis_off()
+    ax.text(-0.01, 0.5, label, transform=ax.transAxes, ha="right", va="center", fontsize=8)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  return fig
+
+
+def transport_plans_figure(panels: Sequence[tuple[str, np.ndarray, float, float]]) -> Figure:
+  """Fig. 7: the K × K optimal transport plans between K images x_i and codes y_j, one panel
+  per (title, π, identity fraction, ε_rel): black where π moves the mass of image i to code j
+  (π = id is the diagonal)."""
+  fig = Figure(figsize=(3.2 * len(panels), 3.6))
+  axes = fig.subplots(1, len(panels), squeeze=False)
+  k = len(panels[0][1])
+  for ax, (title, perm, identity, relative_error) in zip(axes[0], panels):
+    plan = np.zeros((len(perm), len(perm)), np.float32)
+    plan[np.arange(len(perm)), perm] = 1.0
+    ax.imshow(plan, cmap="gray_r", interpolation="nearest")
+    ax.set_title(f"{title}\nidentity {identity:.3f}, ε_rel {relative_error:.2g}", fontsize=8)
+    ax.set_xlabel("code j")
+    ax.set_ylabel("image i")
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.suptitle(f"Optimal transport plans between {k} held-out images and their codes "
+               "(black: mass moved from image i to code j)", fontsize=9)
   return fig
 
 

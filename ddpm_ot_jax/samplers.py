@@ -438,6 +438,29 @@ def _ddim_step(x: Array, eps: Array, log_alpha: Array, sigma: Array, log_alpha_n
   return _bcast(jnp.exp(log_alpha_next), x) * x0 + _bcast(dir_coeff, x) * eps
 
 
+def _ddim_scan(eps_fn, x: Array, eval_index: Array, log_alpha: Array, sigma: Array,
+               log_alpha_next: Array, dir_coeff: Array,
+               noise: tuple[Array, Array] | None = None) -> tuple[Array, Array]:
+  """The DDIM steps of `ddim` and `ddim_invert` (one per entry of the per-step arrays): step k
+  calls ε̂ = ε_θ(x, eval_index[k]) and moves x by `_ddim_step` from level (log_alpha[k],
+  sigma[k]) to log_alpha_next[k] with direction coefficient dir_coeff[k]; with
+  noise = (s, keys) it adds s[k] z, z ~ N(0, I) drawn with keys[k]. Returns (x, NFE)."""
+
+  def step(carry, inputs):
+    x, nfe = carry
+    i, la, s, la_next, c_dir = inputs[:5]
+    eps = _call_eps(eps_fn, x, i)
+    x = _ddim_step(x, eps, la, s, la_next, c_dir)
+    if noise is not None:
+      c_noise, k = inputs[5:]
+      x = x + _bcast(c_noise, x) * jax.random.normal(k, x.shape, x.dtype)
+    return (x, nfe + 1), None
+
+  inputs = (eval_index, log_alpha, sigma, log_alpha_next, dir_coeff) + (noise or ())
+  (x, nfe), _ = jax.lax.scan(step, (x, jnp.zeros((), jnp.int32)), inputs)
+  return x, nfe
+
+
 @functools.partial(jax.jit, static_argnames=("view", "num_steps", "eta", "spacing"))
 def _ddim_loop(eps_fn, x, key, view, num_steps, eta, spacing, start_index, end_index):
   index = step_indices(view, num_steps, start_index, end_index, spacing)
@@ -450,20 +473,8 @@ def _ddim_loop(eps_fn, x, key, view, num_steps, eta, spacing, start_index, end_i
   noise_std = eta * jnp.sqrt(
       one_minus_abar_next / (sigma**2) * -jnp.expm1(2.0 * (log_alpha - log_alpha_next)))
   dir_coeff = jnp.sqrt(jnp.maximum(one_minus_abar_next - noise_std**2, 0.0))
-  keys = jax.random.split(key, num_steps)
-
-  def step(carry, inputs):
-    x, nfe = carry
-    i, la, s, la_next, c_dir, c_noise, k = inputs
-    eps = _call_eps(eps_fn, x, i)
-    x = _ddim_step(x, eps, la, s, la_next, c_dir)
-    if eta != 0.0:
-      x = x + _bcast(c_noise, x) * jax.random.normal(k, x.shape, x.dtype)
-    return (x, nfe + 1), None
-
-  inputs = (index, log_alpha, sigma, log_alpha_next, dir_coeff, noise_std, keys)
-  (x, nfe), _ = jax.lax.scan(step, (x, jnp.zeros((), jnp.int32)), inputs)
-  return x, nfe
+  noise = (noise_std, jax.random.split(key, num_steps)) if eta != 0.0 else None
+  return _ddim_scan(eps_fn, x, index, log_alpha, sigma, log_alpha_next, dir_coeff, noise)
 
 
 def ddim(
@@ -519,17 +530,7 @@ def _ddim_invert_loop(eps_fn, x, view, num_steps, start_index, end_index):
   eval_index = jnp.concatenate([index[:1], index[:-1]])
   sigma_src = jnp.sqrt(-jnp.expm1(2.0 * log_alpha_src))
   sigma_dst = jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
-
-  def step(carry, inputs):
-    x, nfe = carry
-    i, la_src, s_src, la_dst, s_dst = inputs
-    eps = _call_eps(eps_fn, x, i)
-    x = _ddim_step(x, eps, la_src, s_src, la_dst, s_dst)
-    return (x, nfe + 1), None
-
-  inputs = (eval_index, log_alpha_src, sigma_src, log_alpha, sigma_dst)
-  (x, nfe), _ = jax.lax.scan(step, (x, jnp.zeros((), jnp.int32)), inputs)
-  return x, nfe
+  return _ddim_scan(eps_fn, x, eval_index, log_alpha_src, sigma_src, log_alpha, sigma_dst)
 
 
 def ddim_invert(

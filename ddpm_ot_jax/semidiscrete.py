@@ -1,4 +1,5 @@
-r"""Semi-discrete optimal transport from noise to N targets (the DPM-OT "expressway").
+r"""Semi-discrete optimal transport from noise to N targets: DPM-OT's "expressway", the map
+z ↦ x_M^{j(z)} that replaces the reverse chain from T down to the switch step M (`samplers.dpm_ot`).
 
 Source μ: N(0, I_d) ('gaussian') or the uniform law on [0, 1]^d ('uniform', what the DPM-OT
 reference code samples). Target ν = (1/N) Σ_j δ_{y_j}, the N target latents x_M. Cost

@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ddpm_ot_jax import densities  # pylint: disable=g-import-not-at-top
 from ddpm_ot_jax import flow
-from ddpm_ot_jax import fokker_planck as fp
+from ddpm_ot_jax import fokker_planck
 from ddpm_ot_jax import gmm
 from ddpm_ot_jax import ot
 from ddpm_ot_jax import sde
@@ -70,7 +70,7 @@ def mass_region_error(tables, mixture, t, resolution=300, extent=7.0, mass=1.0 -
   cum = np.cumsum(p[order]) / p.sum()
   region = order[:np.searchsorted(cum, mass) + 1]
   exact = np.asarray(jax.vmap(gmm.score_fn(mixture, _SCHEDULE), in_axes=(0, None))(pts[region], t))
-  grid = np.asarray(fp.batch_score(tables, pts[region], t))
+  grid = np.asarray(fokker_planck.batch_score(tables, pts[region], t))
   rms = np.sqrt(np.sum(p[region, None] * exact**2) / p[region].sum())
   err = np.linalg.norm(grid - exact, axis=1)
   return {"pointwise": float(np.max(err / np.linalg.norm(exact, axis=1))), "over_rms": float(err.max() / rms)}
@@ -80,18 +80,18 @@ def accuracy(grid_size: int) -> dict:
   full, means, covs, weights = validation_mixture()
   x0 = gmm.sample(full, jax.random.PRNGKey(1), 1000)
   exact_x1 = flow.encode(_SCHEDULE, gmm.score_fn(full, _SCHEDULE), x0, options=_OPTIONS).x
-  spec = fp.GridSpec(grid_size=grid_size)
+  spec = fokker_planck.GridSpec(grid_size=grid_size)
   out = {}
   for name, log_density, params, log_w in (
       ("gaussian", gmm.gaussian_log_density, [(full.means[k], full.covs[k]) for k in range(6)], np.log(full.weights)),
       ("pairs", gmm.gaussian_pair_log_density, [(means[k], covs[k]) for k in range(3)], np.log(weights))):
-    tables, _ = fp.solve(log_density, params, log_w, spec)
+    tables, _ = fokker_planck.solve(log_density, params, log_w, spec)
     for t in _TIMES:
       errors = mass_region_error(tables, full, t)
       out[f"{name}_score_err_pointwise_t{t:g}"] = errors["pointwise"]
       out[f"{name}_score_err_over_rms_t{t:g}"] = errors["over_rms"]
     out[f"{name}_score_err_pointwise_max"] = max(out[f"{name}_score_err_pointwise_t{t:g}"] for t in _TIMES)
-    x1 = fp.encode(tables, x0, options=_OPTIONS).x
+    x1 = fokker_planck.encode(tables, x0, options=_OPTIONS).x
     out[f"{name}_encoder_err"] = float(jnp.linalg.norm(x1 - exact_x1) / jnp.linalg.norm(exact_x1))
   return out
 
@@ -107,10 +107,10 @@ def speed(grid_size: int, num_samples: int, seed: int) -> dict:
   mixture = densities.random_quartic_mixture(jax.random.PRNGKey(seed), grid_size=grid_size)
   x0 = densities.sample(mixture, jax.random.PRNGKey(seed + 1), num_samples)
   log_w = -np.log(mixture.num_components) * np.ones(mixture.num_components)
-  spec = fp.GridSpec(grid_size=grid_size)
-  solve = lambda: fp.solve(densities.log_prob, densities.components(mixture), log_w, spec)[0]
-  encode = jax.jit(lambda tables, x: fp.encode(tables, x, options=_OPTIONS))
-  jacobian = jax.jit(lambda tables, x: fp.encoder_jacobian(tables, x, options=_OPTIONS))
+  spec = fokker_planck.GridSpec(grid_size=grid_size)
+  solve = lambda: fokker_planck.solve(densities.log_prob, densities.components(mixture), log_w, spec)[0]
+  encode = jax.jit(lambda tables, x: fokker_planck.encode(tables, x, options=_OPTIONS))
+  jacobian = jax.jit(lambda tables, x: fokker_planck.encoder_jacobian(tables, x, options=_OPTIONS))
   tables = solve()  # warm-up: compilation
   sol = encode(tables, x0)
   jacobian(tables, x0[:256])

@@ -64,7 +64,7 @@ def _bench(name: str, config, batch_size: int, train_steps: int, sample_batch: i
   start = time.perf_counter()
   for _ in range(train_steps):
     state, metrics = step(state, images, labels)
-    jax.block_until_ready(metrics)  # CPU: wait on each step (see DESIGN.md)
+    jax.block_until_ready(metrics)  # CPU: wait on each step (docs/ARCHITECTURE.md, Conventions)
   train_seconds = time.perf_counter() - start
 
   eps_fn = samplers.model_eps_fn(model.apply, state.ema_params)

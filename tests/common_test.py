@@ -48,5 +48,21 @@ class ProgressBarTest(absltest.TestCase):
     self.assertEqual(common.progress_bar(200, 150, width=4), "[####]")
 
 
+class ScheduleAndEndTest(absltest.TestCase):
+
+  def test_end_is_the_ou_time_and_too_late_names_the_keys(self):
+    """The returned t_end has OU time s(t_end) = config.t_end on every schedule that reaches
+    it; a schedule that ends before it is a ValueError naming config.t_end."""
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    from ddpm_ot_jax import sde  # pylint: disable=g-import-not-at-top
+
+    for name, t_end in (("constant", 12.0), ("linear", 3.0), ("cosine", 2.0)):
+      config = ml_collections.ConfigDict(dict(schedule=name, t_end=t_end))
+      schedule, end = common.schedule_and_end(config)
+      self.assertAlmostEqual(float(sde.ou_time(schedule, end)), t_end, places=5)
+    with self.assertRaisesRegex(ValueError, "config.t_end"):
+      common.schedule_and_end(ml_collections.ConfigDict(dict(schedule="linear", t_end=10.0)))
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -126,7 +126,7 @@ class PerturbedGaussianTest(absltest.TestCase):
   def test_samples_invert_the_ot_map(self):
     """Newton solves ∇u(x) = z to round-off, so ∇u pushes the samples to the N(0, I) draws."""
     x, z = densities.sample_perturbed(self.gaussian, jax.random.PRNGKey(0), 2000)
-    pushed = jax.jit(jax.vmap(densities.ot_map, in_axes=(None, 0)))(self.gaussian, x)
+    pushed = jax.jit(jax.vmap(densities.brenier_map, in_axes=(None, 0)))(self.gaussian, x)
     np.testing.assert_allclose(pushed, z, atol=1e-12)
     np.testing.assert_allclose(np.mean(pushed, 0), 0.0, atol=0.1)
     np.testing.assert_allclose(np.cov(np.asarray(pushed).T), np.eye(2), atol=0.12)
@@ -148,7 +148,7 @@ class PerturbedGaussianTest(absltest.TestCase):
     """ε = 0: ∇u = id and p0 = N(0, I) exactly."""
     g0 = densities.default_perturbation(0.0)
     x = jax.random.normal(jax.random.PRNGKey(2), (10, 2))
-    np.testing.assert_allclose(jax.jit(jax.vmap(densities.ot_map, in_axes=(None, 0)))(g0, x), x, atol=0)
+    np.testing.assert_allclose(jax.jit(jax.vmap(densities.brenier_map, in_axes=(None, 0)))(g0, x), x, atol=0)
     expected = -0.5 * jnp.sum(x**2, 1) - np.log(2 * np.pi)
     log_p = jax.jit(jax.vmap(densities.log_prob_perturbed, in_axes=(None, 0)))(g0, x)
     np.testing.assert_allclose(log_p, expected, atol=1e-14)

@@ -11,6 +11,7 @@ import scipy.optimize
 from configs import cifar10_latent_ot
 from configs import digits_latent_ot
 from ddpm_ot_jax import data
+from ddpm_ot_jax import model_sources
 from ddpm_ot_jax import ot
 from ddpm_ot_jax.experiments import latent_ot
 
@@ -157,15 +158,15 @@ class DataSelectionTest(absltest.TestCase):
   def test_class_subset_and_transpose(self):
     """select_classes keeps exactly the asked labels; transpose swaps the spatial axes."""
     digits = data.load_digits("train")
-    low = latent_ot.select_classes(digits, (0, 1))
+    low = model_sources.select_classes(digits, (0, 1))
     self.assertEqual(set(low.labels.tolist()), {0, 1})
     self.assertEqual(len(low), int(np.isin(digits.labels, [0, 1]).sum()))
-    flipped = latent_ot.apply_transform(low.images, "transpose")
+    flipped = model_sources.apply_transform(low.images, "transpose")
     np.testing.assert_array_equal(flipped[3, 1, 5], low.images[3, 5, 1])
     with self.assertRaisesRegex(ValueError, "No images with labels"):
-      latent_ot.select_classes(digits, (42,))
+      model_sources.select_classes(digits, (42,))
     with self.assertRaisesRegex(KeyError, "Unknown model spec key"):
-      latent_ot.model_spec(clases=(1,))
+      model_sources.model_spec(clases=(1,))
 
 
 class PaperScaleErrorsTest(absltest.TestCase):
@@ -203,8 +204,8 @@ class PaperScaleErrorsTest(absltest.TestCase):
     with tempfile.TemporaryDirectory() as tmp:
       config = tiny_config()
       missing = os.path.join(tmp, "runs", "other-model")
-      config.models.other = latent_ot.model_spec(source="checkpoint", path=missing)
-      with mock.patch.object(latent_ot.trainer, "train_ddpm") as trainer:
+      config.models.other = model_sources.model_spec(source="checkpoint", path=missing)
+      with mock.patch.object(model_sources.trainer, "train_ddpm") as trainer:
         with self.assertRaisesRegex(FileNotFoundError, f"model 'other'.*{missing}"):
           latent_ot.run(config, os.path.join(tmp, "work"))
       trainer.assert_not_called()
@@ -223,8 +224,8 @@ class PaperScaleErrorsTest(absltest.TestCase):
       with open(os.path.join(tmp, diffusers_import.WEIGHTS_NAME), "wb") as f:
         f.write(b"placeholder")
       config = tiny_config()
-      config.models.own = latent_ot.model_spec(source="diffusers", path=tmp)
-      with mock.patch.object(latent_ot.trainer, "train_ddpm") as trainer:
+      config.models.own = model_sources.model_spec(source="diffusers", path=tmp)
+      with mock.patch.object(model_sources.trainer, "train_ddpm") as trainer:
         with self.assertRaisesRegex(ValueError, r"models\.own .*takes 32×32.*are 8×8×1"):
           latent_ot.run(config, os.path.join(tmp, "work"))
       trainer.assert_not_called()

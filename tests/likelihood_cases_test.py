@@ -28,7 +28,7 @@ class ImportedModelTest(experiment_case.ExperimentRunCase):
 
   def test_imported_model_is_used_as_it_is(self):
     """training.init_from_diffusers: the loader's network is evaluated without training (no
-    model-<fp> folder for it), train_steps 0, imported_weights 1."""
+    model-<fingerprint> folder for it), train_steps 0, imported_weights 1."""
     config = without_exact(tiny_config())
     config.likelihood.max_images = 4
     config.training.init_from_diffusers = "/nowhere/ddpm-digits"

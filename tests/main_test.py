@@ -104,6 +104,20 @@ class ConfigFieldsTest(absltest.TestCase):
       checked += 1
     self.assertGreaterEqual(checked, 14)
 
+  def test_no_config_borrows_a_training_field_its_experiment_ignores(self):
+    """latent_ot / shared_latents take imported weights from a model spec (source='diffusers'),
+    so their configs carry no training.init_from_diffusers (an override of it would be a
+    silent no-op); the experiments that do read it (train_ddpm, dpmot, likelihood) keep it."""
+    readers = {"train_ddpm", "dpmot", "likelihood"}
+    for path in sorted(glob.glob(os.path.join(experiment_case.ROOT, "configs", "*.py"))):
+      module = importlib.import_module(f"configs.{os.path.basename(path)[:-3]}")
+      if not hasattr(module, "get_config"):
+        continue
+      config = module.get_config()
+      if "training" in config:
+        self.assertEqual("init_from_diffusers" in config.training,
+                         config.experiment in readers, path)
+
   def test_override_or_field_the_experiment_does_not_read_is_refused(self):
     """--config.sampling.num_steps=10 with the DPM-OT config (which has no sampling block)
     stops with exit code 2 and no traceback; a config file that adds a block the experiment

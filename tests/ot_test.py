@@ -50,6 +50,29 @@ class OTTest(absltest.TestCase):
     self.assertAlmostEqual(float(ot.min_symmetric_eigenvalue(sym)), (5 - np.sqrt(5)) / 2, places=5)
     self.assertAlmostEqual(float(ot.min_symmetric_eigenvalue(rot)), 1.0, places=6)
 
+  def test_pairing_test_against_brute_force(self):
+    """pairing_test's π, costs, ε_rel, identity and nearest-code fractions equal brute force
+    over all 6! permutations and a loop over nearest neighbours; a map that moves every point
+    far but keeps the order (x ↦ 10x) is optimal although no code is its image's nearest."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, 2))
+    y = x + 0.8 * rng.normal(size=(6, 2))
+    test = ot.pairing_test(x, y)
+    best = min(itertools.permutations(range(6)), key=lambda p: ot.pairing_cost(x, y, np.array(p)))
+    np.testing.assert_array_equal(test["perm"], best)
+    cost_e = np.mean([np.sum((x[i] - y[i]) ** 2) for i in range(6)])
+    cost_ot = np.mean([np.sum((x[i] - y[best[i]]) ** 2) for i in range(6)])
+    self.assertAlmostEqual(test["cost_encoder"], cost_e, places=12)
+    self.assertAlmostEqual(test["ot_relative_error"], (cost_e - cost_ot) / cost_ot, places=12)
+    self.assertAlmostEqual(test["identity_fraction"], np.mean(np.array(best) == np.arange(6)))
+    nearest = [min(range(6), key=lambda j: np.sum((x[i] - y[j]) ** 2)) for i in range(6)]
+    self.assertAlmostEqual(test["nearest_code_fraction"], np.mean(np.array(nearest) == np.arange(6)))
+    self.assertEqual({k: test[k] for k in ot.ot_relative_error(x, y)}, ot.ot_relative_error(x, y))
+    line = np.linspace(0.0, 1.0, 6)[:, None]
+    scaled = ot.pairing_test(line, 10.0 * line)
+    self.assertEqual(scaled["identity_fraction"], 1.0)
+    self.assertLess(scaled["nearest_code_fraction"], 1.0)
+
   def test_unequal_sizes_and_bad_method_are_clear_errors(self):
     """Mismatched sizes and unknown methods raise ValueError."""
     with self.assertRaisesRegex(ValueError, "equal sizes"):

@@ -8,6 +8,7 @@ from absl.testing import absltest
 import numpy as np
 
 from configs import digits_shared_latents
+from ddpm_ot_jax import model_sources
 from ddpm_ot_jax.experiments import shared_latents
 
 import experiment_case
@@ -139,7 +140,7 @@ class PaperScaleErrorsTest(absltest.TestCase):
             os.path.join(tmp, "afhq", "train", animal, "0.png"))
       config = afhq_shared_latents.get_config()
       config.data.root = os.path.join(tmp, "afhq")
-      with mock.patch.object(shared_latents.latent_ot.trainer, "train_ddpm") as trainer:
+      with mock.patch.object(model_sources.trainer, "train_ddpm") as trainer:
         with self.assertRaisesRegex(FileNotFoundError,
                                     os.path.join(tmp, "afhq", "train", "dog")):
           shared_latents.run(config, os.path.join(tmp, "work"))

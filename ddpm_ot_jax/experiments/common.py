@@ -1,5 +1,6 @@
-"""What every experiment needs: atomic file writes, figures, float64 switch, timing, and the
-training loop's reporting (progress lines, metrics.jsonl, sample grids).
+"""What every experiment needs: atomic file writes, figures, float64 switch, timing, the
+theory experiments' end time (`schedule_and_end`), and the training loop's reporting
+(progress lines, metrics.jsonl, sample grids).
 
 In a run of several processes (scripts/main.py joins them, `distributed.initialize`) every
 process computes everything, and only process 0 writes files: the writers here (`write_json`,
@@ -24,6 +25,7 @@ import numpy as np
 
 from ddpm_ot_jax import distributed
 from ddpm_ot_jax import plotting
+from ddpm_ot_jax import sde
 from ddpm_ot_jax import trainer
 
 if TYPE_CHECKING:
@@ -123,6 +125,16 @@ def progress_bar(done: int, total: int, width: int = 20) -> str:
   """'[#####...............]' for `done` of `total`, the prefix of long runs' log lines."""
   filled = min(width, done * width // max(total, 1))
   return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def schedule_and_end(config: Any) -> tuple[sde.Schedule, float]:
+  """(schedule, t_end in its own clock) of config.schedule reaching the OU time config.t_end
+  (s = ½ B(t), Eq. 8; `sde.make_schedule_until_ou_time`); a ValueError naming both keys when
+  the schedule ends before it."""
+  try:
+    return sde.make_schedule_until_ou_time(config.schedule, config.t_end)
+  except ValueError as e:
+    raise ValueError(f"config.t_end / config.schedule: {e}") from None
 
 
 def set_precision(x64: bool) -> None:

@@ -20,17 +20,18 @@ Stages, each cached in the workdir under a fingerprint of its inputs (`stages`):
 0. inputs   every split, the Inception weights (features='inception') and the diffusers
             weights (training.init_from_diffusers) are read before any work; all that are
             missing are named in ONE FileNotFoundError.
-1. model    `trainer.train_ddpm` (resumable) → model-<fp>/, or the imported network as it is.
+1. model    `trainer.train_ddpm` (resumable) → model-<fingerprint>/, or the imported network
+            as it is.
 2. latents  per switch step M: x_M = √ᾱ_M y + √(1 − ᾱ_M) ε for every target y (Ho et al.
-            2020, Eq. 4; ᾱ of the samplers' view)                  → latents-<fp>.npz
+            2020, Eq. 4; ᾱ of the samplers' view)                  → latents-<fingerprint>.npz
 3. ot       per M: the semi-discrete potential g between the source and the N latents
-            (`semidiscrete.solve_potential`, ott-jax)                 → ot-<fp>/ (orbax)
+            (`semidiscrete.solve_potential`, ott-jax)                 → ot-<fingerprint>/ (orbax)
 4. spacing  for every few-step sampler whose time spacing is not fixed in
             evaluation.spacings: one validation draw per spacing in `SPACINGS`, FID against
             the tuning split; the lowest wins (reported as spacing_<method>).
 5. samples  per method and draw d < evaluation.num_draws: `evaluation.num_samples` images
             (`samplers.sample_images`, or `samplers.dpm_ot` for DPM-OT)
-                                                          → samples-<method>-<d>-<fp>.npz
+                                                          → samples-<method>-<d>-<fingerprint>.npz
 6. eval     per draw: FID and KID against the reference, precision/recall, MMR and
             recognized fraction (classifier features), copies and NN-distance ratio against the
             targets (memorization); every row as mean ± std over the draws. Two controls in
@@ -168,23 +169,23 @@ def parse_method(name: str, config: ml_collections.ConfigDict) -> Method:
         f"Unknown method {name!r} in evaluation.methods; use 'ddpm', 'pf_ode', "
         f"'<family>_<k>' with family in {', '.join(FAMILIES)}, 'dpm_ot_<k>' or "
         "'dpm_ot_<k>_m<M>'.")
-  dc = config.dpmot
+  dpmot_config = config.dpmot
   steps = int(match.group(1))
-  m = int(match.group(2)) if match.group(2) else int(dc.switch_index)
+  m = int(match.group(2)) if match.group(2) else int(dpmot_config.switch_index)
   if not 0 <= m < n_steps:
     raise ValueError(f"{name}: the switch step M={m} must lie in [0, {n_steps - 1}].")
   available = m + 1  # reverse steps from x_M down to x_0
-  if dc.sampler == "ddpm" and steps != available:
+  if dpmot_config.sampler == "ddpm" and steps != available:
     raise ValueError(f"{name}: the 'ddpm' sampler takes every step from M={m}, i.e. "
                      f"{available} steps.")
   if not 1 <= steps <= available:
     raise ValueError(f"{name}: only {available} reverse steps lie below M={m}; use k ≤ "
                      f"{available} or a larger M.")
   label = f"DPM-OT-{steps}" + ("" if match.group(2) is None else f" (M={m})")
-  kwargs = {"ddim": (("eta", float(dc.eta)),),
-            "dpm_solver": FAMILIES["dpm_solver_pp_3m"][2]}.get(dc.sampler, ())
-  return Method(name, label, "dpm_ot", dc.sampler, None if dc.sampler == "ddpm" else steps,
-                m, kwargs)
+  kwargs = {"ddim": (("eta", float(dpmot_config.eta)),),
+            "dpm_solver": FAMILIES["dpm_solver_pp_3m"][2]}.get(dpmot_config.sampler, ())
+  return Method(name, label, "dpm_ot", dpmot_config.sampler,
+                None if dpmot_config.sampler == "ddpm" else steps, m, kwargs)
 
 
 def _stream(name: str) -> int:
@@ -228,19 +229,20 @@ def load_inputs(config: ml_collections.ConfigDict) -> Inputs:
   """Reads every user-supplied input of a DPM-OT run once, before any training; every input
   that is missing or unreadable is reported in one FileNotFoundError (ValueError when none
   is missing but some are unreadable), naming each and where it was looked for."""
-  ec, dc = config.evaluation, config.data
+  ec, data_config = config.evaluation, config.data
   problems: list[tuple[str, Exception]] = []
   loaded: dict[str, data.ImageDataset] = {}
   splits: dict[str, data.ImageDataset] = {}
   for role, split in _roles(config).items():
     try:
       if split not in loaded:
-        loaded[split] = data.load_dataset(dc.name, split, dc.get("root") or None,
-                                          dc.get("resolution") or None)
+        loaded[split] = data.load_dataset(data_config.name, split,
+                                          data_config.get("root") or None,
+                                          data_config.get("resolution") or None)
       splits[role] = loaded[split]
     except (FileNotFoundError, ValueError) as e:
-      problems.append((f"dataset {dc.name} split {split!r} ({role}; config.data.root="
-                       f"{dc.get('root')!r})", e))
+      problems.append((f"dataset {data_config.name} split {split!r} ({role}; config.data.root="
+                       f"{data_config.get('root')!r})", e))
       break  # the other splits sit in the same place: one entry for the dataset
   inception_net = None
   if ec.features == "inception":
@@ -331,7 +333,7 @@ def _diagnostics_from_array(values: np.ndarray) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class Expressway:
+class LatentMap:
   """DPM-OT's map at one switch step M: the Monge map noise → x_M^{j(z)} and its facts."""
 
   monge_map: semidiscrete.MongeMap
@@ -340,26 +342,29 @@ class Expressway:
   fingerprint: str
 
 
-def _expressway(config, network, model_fp: str, targets: np.ndarray, switch_index: int,
-                workdir: str) -> Expressway:
+def _latent_map(config, network, model_fingerprint: str, targets: np.ndarray, switch_index: int,
+                workdir: str) -> LatentMap:
   """Latents at M (cached .npz) and the OT potential g (cached with orbax) → the Monge map."""
-  dc, oc = config.dpmot, config.dpmot.ot
+  dpmot_config, ot_config = config.dpmot, config.dpmot.ot
   alpha_bar = switch_alpha_bar(network.view, switch_index)
-  lat_fp = stages.fingerprint(dict(model=model_fp, targets=dc.target_split, data=config.data,
-                                   switch_index=switch_index, seed=config.seed))
+  latents_fingerprint = stages.fingerprint(dict(
+      model=model_fingerprint, targets=dpmot_config.target_split, data=config.data,
+      switch_index=switch_index, seed=config.seed))
 
   def latents_fn():
     noise = np.asarray(jax.random.normal(_key(config, LATENT_STREAM), targets.shape, jnp.float32))
     latents = np.sqrt(alpha_bar) * targets + np.sqrt(1.0 - alpha_bar) * noise
     return {"latents": latents.astype(np.float32)}
 
-  arrays, cached = stages.cached_arrays(os.path.join(workdir, f"latents-{lat_fp[:12]}.npz"),
-                                        lat_fp, latents_fn)
+  arrays, cached = stages.cached_arrays(
+      os.path.join(workdir, f"latents-{latents_fingerprint[:12]}.npz"), latents_fingerprint,
+      latents_fn)
   latents = arrays["latents"]
   logging.info("Latents at M=%d (N=%d, ᾱ_M=%.4f): %s", switch_index, len(latents), alpha_bar,
                "reused" if cached else "computed")
-  ot_fp = stages.fingerprint(dict(latents=lat_fp, ot=oc, source=dc.source))
-  directory = stages.stage_dir(workdir, "ot", ot_fp)
+  ot_fingerprint = stages.fingerprint(dict(latents=latents_fingerprint, ot=ot_config,
+                                           source=dpmot_config.source))
+  directory = stages.stage_dir(workdir, "ot", ot_fingerprint)
   with checkpoints.Checkpointer(directory, keep=1, async_save=False) as ckpt:
     # Host (numpy) arrays: orbax writes them from the primary host and restores them in all.
     if distributed.all_processes(ckpt.latest_step() is not None):
@@ -369,15 +374,17 @@ def _expressway(config, network, model_fp: str, targets: np.ndarray, switch_inde
       logging.info("OT potential at M=%d reused from %s", switch_index, directory)
     else:
       logging.info("Solving semi-discrete OT at M=%d: N=%d targets in d=%d, up to %d "
-                   "iterations", switch_index, len(latents), latents[0].size, oc.num_iterations)
+                   "iterations", switch_index, len(latents), latents[0].size,
+                   ot_config.num_iterations)
       # Every process solves on its own first device with the same key (the same g, bit for
       # bit); process 0's g and diagnostics are then used everywhere, so they cannot differ.
       g, diag = semidiscrete.solve_potential(
           _key(config, OT_STREAM), jax.device_put(latents, jax.local_devices()[0]),
-          source=dc.source, num_iterations=oc.num_iterations, batch_size=oc.batch_size,
-          learning_rate=oc.learning_rate, error_eval_every=oc.error_eval_every,
-          error_batch_size=oc.error_batch_size or None, chi2_threshold=oc.chi2_threshold,
-          num_check_samples=oc.check_samples)
+          source=dpmot_config.source, num_iterations=ot_config.num_iterations,
+          batch_size=ot_config.batch_size, learning_rate=ot_config.learning_rate,
+          error_eval_every=ot_config.error_eval_every,
+          error_batch_size=ot_config.error_batch_size or None,
+          chi2_threshold=ot_config.chi2_threshold, num_check_samples=ot_config.check_samples)
       solved = distributed.allgather_to_host(np.asarray(g, np.float32))  # (processes, N)
       if any(not np.array_equal(solved[0], other) for other in solved[1:]):
         logging.warning("The processes solved different OT potentials at M=%d (max |Δg| "
@@ -397,10 +404,10 @@ def _expressway(config, network, model_fp: str, targets: np.ndarray, switch_inde
         "dpmot.ot.chi2_threshold=%g): the cells do not hold equal mass, so DPM-OT favours some "
         "targets. Raise dpmot.ot.learning_rate (Adam moves g by at most about lr per step), "
         "dpmot.ot.num_iterations or dpmot.ot.error_batch_size.", switch_index,
-        diag.get("iterations", -1), diag.get("chi2_error", float("nan")), oc.chi2_threshold)
+        diag.get("iterations", -1), diag.get("chi2_error", float("nan")), ot_config.chi2_threshold)
   devices = list(network.mesh.devices.flat)
-  return Expressway(semidiscrete.monge_map(latents, g, devices, oc.block_size), diag, alpha_bar,
-                    ot_fp)
+  return LatentMap(semidiscrete.monge_map(latents, g, devices, ot_config.block_size), diag,
+                   alpha_bar, ot_fingerprint)
 
 
 # ----------------------------------------------------------------------------------------
@@ -409,14 +416,14 @@ def _expressway(config, network, model_fp: str, targets: np.ndarray, switch_inde
 
 
 def _draw(method: Method, network, key, num_samples: int, batch_size: int, image_shape,
-          expressway: Expressway | None, source: str, spacing: str | None) -> dict[str, np.ndarray]:
+          latent_map: LatentMap | None, source: str, spacing: str | None) -> dict[str, np.ndarray]:
   """`num_samples` images of `method` as the arrays of a sample cache: images, nfe, seconds
   and, for DPM-OT, target_index."""
   kwargs = dict(method.kwargs)
   if spacing is not None:
     kwargs["spacing"] = spacing
   if method.family == "dpm_ot":
-    result = samplers.dpm_ot(network, expressway.monge_map, key, num_samples, image_shape,
+    result = samplers.dpm_ot(network, latent_map.monge_map, key, num_samples, image_shape,
                              method.switch_index, method.num_steps, method.sampler, source,
                              batch_size, **kwargs)
   else:
@@ -485,9 +492,9 @@ def _evaluator(config, inputs: Inputs, targets: np.ndarray, workdir: str) -> Eva
 
   train_set = inputs.splits["classifier"]
   steps = int(ec.classifier_steps)
-  fp = stages.fingerprint(dict(seed=config.seed, data=config.data, split=ec.classifier_split,
-                               kind="classifier", steps=steps))
-  path = os.path.join(workdir, f"classifier-{fp[:12]}.msgpack")
+  fingerprint = stages.fingerprint(dict(seed=config.seed, data=config.data,
+                                        split=ec.classifier_split, kind="classifier", steps=steps))
+  path = os.path.join(workdir, f"classifier-{fingerprint[:12]}.msgpack")
   if distributed.all_processes(os.path.exists(path)):
     with open(path, "rb") as f:
       params = flax.serialization.msgpack_restore(f.read())
@@ -614,18 +621,20 @@ def _verdicts(rows: list[tuple[Method | None, str, dict]]) -> tuple[str, dict[st
 
 def _validate(config) -> list[Method]:
   """Config errors, before anything is read or computed; returns the methods."""
-  dc, ec = config.dpmot, config.evaluation
-  if dc.sampler not in ("ddim", "ddpm", "dpm_solver"):
-    raise ValueError(f"dpmot.sampler must be 'ddim', 'ddpm' or 'dpm_solver', got {dc.sampler!r}.")
-  if dc.source not in semidiscrete.SOURCES:
-    raise ValueError(f"dpmot.source must be one of {semidiscrete.SOURCES}, got {dc.source!r}.")
+  dpmot_config, ec = config.dpmot, config.evaluation
+  if dpmot_config.sampler not in ("ddim", "ddpm", "dpm_solver"):
+    raise ValueError("dpmot.sampler must be 'ddim', 'ddpm' or 'dpm_solver', got "
+                     f"{dpmot_config.sampler!r}.")
+  if dpmot_config.source not in semidiscrete.SOURCES:
+    raise ValueError(f"dpmot.source must be one of {semidiscrete.SOURCES}, got "
+                     f"{dpmot_config.source!r}.")
   if ec.features not in ("classifier", "inception"):
     raise ValueError(f"evaluation.features must be 'classifier' or 'inception', got {ec.features!r}.")
   if ec.num_samples <= ec.pr_k:
     raise ValueError(f"evaluation.num_samples must exceed pr_k={ec.pr_k}.")
   if ec.num_draws < 2:
     raise ValueError("evaluation.num_draws must be ≥ 2: every row is reported with its spread.")
-  if dc.ot.error_batch_size < 0:
+  if dpmot_config.ot.error_batch_size < 0:
     raise ValueError("dpmot.ot.error_batch_size must be ≥ 0 (0: the solver's default).")
   roles = _roles(config)
   for a, b in (("targets", "reference"), ("targets", "floor"), ("reference", "floor"),
@@ -647,7 +656,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the stages of the module docstring; returns the flat results dict."""
   methods = _validate(config)
   watch = common.Stopwatch()
-  dc, ec = config.dpmot, config.evaluation
+  dpmot_config, ec = config.dpmot, config.evaluation
   inputs = load_inputs(config)  # everything a user can get wrong about inputs fails here
   train_set = inputs.splits["training"]
   targets = inputs.splits["targets"].images
@@ -656,7 +665,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("Splits: %s", ", ".join(f"{role} {split!r} ({len(inputs.splits[role])})"
                                        for role, split in _roles(config).items()))
 
-  network, model_info, model_fp = _model(config, workdir, train_set, inputs)
+  network, model_info, model_fingerprint = _model(config, workdir, train_set, inputs)
   logging.info("Model: %d params, %d steps (%.0f s this run)", model_info["params"],
                model_info["train_steps"], model_info["train_seconds"])
   evaluator = _evaluator(config, inputs, targets, workdir)
@@ -666,24 +675,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if evaluator.classifier_accuracy is not None:
     results["classifier_accuracy"] = evaluator.classifier_accuracy
 
-  expressways: dict[int, Expressway] = {}
+  latent_maps: dict[int, LatentMap] = {}
   for m in sorted({method.switch_index for method in methods if method.family == "dpm_ot"}):
-    expressways[m] = _expressway(config, network, model_fp, targets, m, workdir)
-    way = expressways[m]
-    results.update({f"ot_{k}_m{m}": v for k, v in way.diagnostics.items()})
-    results[f"switch_alpha_bar_m{m}"] = way.alpha_bar
-    results[f"switch_noise_to_signal_m{m}"] = float(np.sqrt(1.0 / way.alpha_bar - 1.0))
+    latent_maps[m] = _latent_map(config, network, model_fingerprint, targets, m, workdir)
+    latent_map = latent_maps[m]
+    results.update({f"ot_{k}_m{m}": v for k, v in latent_map.diagnostics.items()})
+    results[f"switch_alpha_bar_m{m}"] = latent_map.alpha_bar
+    results[f"switch_noise_to_signal_m{m}"] = float(np.sqrt(1.0 / latent_map.alpha_bar - 1.0))
 
   def samples(method: Method, key, num: int, stem: str, spacing: str | None, **identity):
-    """`method`'s samples, cached in <workdir>/<stem>-<fp>.npz (arrays, cached)."""
-    way = expressways.get(method.switch_index)
-    fp = stages.fingerprint(dict(identity, method=dataclasses.asdict(method), n=num,
-                                 spacing=spacing, batch_size=ec.batch_size, seed=config.seed,
-                                 model=model_fp, ot=way.fingerprint if way else None))
+    """`method`'s samples, cached in <workdir>/<stem>-<fingerprint>.npz (arrays, cached)."""
+    latent_map = latent_maps.get(method.switch_index)
+    fingerprint = stages.fingerprint(dict(
+        identity, method=dataclasses.asdict(method), n=num, spacing=spacing,
+        batch_size=ec.batch_size, seed=config.seed, model=model_fingerprint,
+        ot=latent_map.fingerprint if latent_map else None))
     return stages.cached_arrays(
-        os.path.join(workdir, f"{stem}-{fp[:12]}.npz"), fp,
-        lambda: _draw(method, network, key, num, ec.batch_size, image_shape, way, dc.source,
-                      spacing))
+        os.path.join(workdir, f"{stem}-{fingerprint[:12]}.npz"), fingerprint,
+        lambda: _draw(method, network, key, num, ec.batch_size, image_shape, latent_map,
+                      dpmot_config.source, spacing))
 
   # Spacing of each few-step sampler: fixed by evaluation.spacings, else tuned on one
   # validation draw per spacing against the tuning split.

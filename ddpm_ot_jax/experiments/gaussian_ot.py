@@ -40,21 +40,13 @@ CONFIG_FIELDS = ("dims", "eig_min", "eig_max", "num_samples", "num_jacobian_poin
     "t_end", "solver", "figure")
 
 
-def schedule_and_end(config: ml_collections.ConfigDict) -> tuple[sde.Schedule, float]:
-  """(schedule, t_end in its own clock) reaching OU time config.t_end (module docstring)."""
-  try:
-    return sde.make_schedule_until_ou_time(config.schedule, config.t_end)
-  except ValueError as e:
-    raise ValueError(f"config.t_end / config.schedule: {e}") from None
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Theorem 3.1 checked for one random Gaussian; returns the results dict (module docstring)."""
   if config.dims < 1 or config.num_samples < 2:
     raise ValueError(f"dims ≥ 1 and num_samples ≥ 2 needed, got {config.dims}, {config.num_samples}.")
   common.set_precision(config.x64)
   watch = common.Stopwatch()
-  schedule, t_end = schedule_and_end(config)
+  schedule, t_end = common.schedule_and_end(config)
   options = flow.SolverOptions(**config.solver)
   key_gauss, key_x = jax.random.split(jax.random.PRNGKey(config.seed))
   mean0, cov0 = gaussian.random_gaussian(key_gauss, config.dims, config.eig_min, config.eig_max)

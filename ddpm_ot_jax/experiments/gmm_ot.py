@@ -27,7 +27,7 @@ jacobian_asymmetry_gaussian_roundoff (max over the Gaussian runs); mixtures_abov
 nfe_mean, seconds. arrays.npz holds every mixture, its samples, codes and Jacobians.
 
 config.t_end is the end time in OU time s (Eq. 8), mapped onto the clock of config.schedule
-(`gaussian_ot.schedule_and_end`: a ValueError if the schedule ends before it). Runs in float64
+(`common.schedule_and_end`: a ValueError if the schedule ends before it). Runs in float64
 when config.x64 (set here, so run() is self-contained outside scripts/main.py).
 """
 from __future__ import annotations
@@ -46,7 +46,6 @@ from ddpm_ot_jax import gmm
 from ddpm_ot_jax import ot
 from ddpm_ot_jax import plotting
 from ddpm_ot_jax.experiments import common
-from ddpm_ot_jax.experiments import gaussian_ot
 
 # The config fields this experiment reads (scripts/main.py rejects any other field or override).
 CONFIG_FIELDS = ("dims", "eig_min", "eig_max", "max_components", "mean_scale", "num_mixtures",
@@ -90,7 +89,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _validate(config)
   common.set_precision(config.x64)
   watch = common.Stopwatch()
-  schedule, t_end = gaussian_ot.schedule_and_end(config)
+  schedule, t_end = common.schedule_and_end(config)
   options = flow.SolverOptions(**config.solver)
   sizes = sorted(config.sample_sizes)
   n_max = sizes[-1]

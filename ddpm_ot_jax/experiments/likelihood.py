@@ -102,8 +102,9 @@ def _check_likelihood_config(lc: ml_collections.ConfigDict) -> None:
 
 
 def _load(config: ml_collections.ConfigDict, split: str) -> data.ImageDataset:
-  dc = config.data
-  return data.load_dataset(dc.name, split, dc.root or None, dc.resolution or None)
+  data_config = config.data
+  return data.load_dataset(data_config.name, split, data_config.root or None,
+                           data_config.resolution or None)
 
 
 def _trained_model(config: ml_collections.ConfigDict, workdir: str, dataset: data.ImageDataset
@@ -290,23 +291,24 @@ def exact_case(case: str, key: jax.Array, ec: ml_collections.ConfigDict,
 
 def _exact_likelihoods(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Part 2 of the module docstring, in float64; returns its results."""
-  ec = config.exact
-  unknown = [c for c in ec.cases if c not in EXACT_CASES]
+  exact_config = config.exact
+  unknown = [c for c in exact_config.cases if c not in EXACT_CASES]
   if unknown:
     raise ValueError(f"exact.cases has {unknown}; choose from {EXACT_CASES}.")
-  if not 0.0 < ec.t_start < ec.t_end:
-    raise ValueError(f"need 0 < exact.t_start < exact.t_end, got {ec.t_start}, {ec.t_end}.")
-  if ec.num_points < 1:
-    raise ValueError(f"exact.num_points must be ≥ 1, got {ec.num_points}.")
-  options = flow.SolverOptions(**ec.solver)
+  if not 0.0 < exact_config.t_start < exact_config.t_end:
+    raise ValueError(f"need 0 < exact.t_start < exact.t_end, got {exact_config.t_start}, "
+                     f"{exact_config.t_end}.")
+  if exact_config.num_points < 1:
+    raise ValueError(f"exact.num_points must be ≥ 1, got {exact_config.num_points}.")
+  options = flow.SolverOptions(**exact_config.solver)
   results: dict[str, Any] = {}
   with jax.enable_x64(True):
-    view = samplers.ContinuousTimeSchedule(sde.ConstantSchedule(2.0, float(ec.t_end)))
-    for i, case in enumerate(ec.cases):
+    view = samplers.ContinuousTimeSchedule(sde.ConstantSchedule(2.0, float(exact_config.t_end)))
+    for i, case in enumerate(exact_config.cases):
       start = time.perf_counter()
       key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), EXACT_STREAM), i)
-      score, log_prob, x = exact_case(case, key, ec, view)
-      ode = flow.log_likelihood(view, score, jnp.asarray(x, jnp.float64), ec.t_start,
+      score, log_prob, x = exact_case(case, key, exact_config, view)
+      ode = flow.log_likelihood(view, score, jnp.asarray(x, jnp.float64), exact_config.t_start,
                                 options=options)
       if not bool(ode.ok.all()):
         raise ValueError(f"exact case {case}: the PF-ODE solve did not finish within "
@@ -337,8 +339,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   results: dict[str, Any] = {}
   if "likelihood" in config:  # the user's inputs are checked before any work
     _check_likelihood_config(config.likelihood)
-    dc = config.data
-    data.check_dataset(dc.name, config.likelihood.split, dc.root or None, dc.resolution or None)
+    data_config = config.data
+    data.check_dataset(data_config.name, config.likelihood.split, data_config.root or None,
+                       data_config.resolution or None)
   if "exact" in config:
     results.update(_exact_likelihoods(config))
   if "likelihood" in config:

@@ -36,11 +36,10 @@ import numpy as np
 
 from ddpm_ot_jax import densities
 from ddpm_ot_jax import flow
-from ddpm_ot_jax import fokker_planck as fp
+from ddpm_ot_jax import fokker_planck
 from ddpm_ot_jax import ot
 from ddpm_ot_jax import plotting
 from ddpm_ot_jax.experiments import common
-from ddpm_ot_jax.experiments import synthetic_2d
 
 # The config fields this experiment reads (scripts/main.py rejects any other field or override).
 CONFIG_FIELDS = ("atol", "convergence_check", "epsilons", "grid_size", "num_jacobian_samples",
@@ -82,14 +81,14 @@ def measure(
     epsilon: float,
     key: jax.Array,
     config: ml_collections.ConfigDict,
-    spec: fp.GridSpec,
-    encode: synthetic_2d.EncodeFn,
-    jacobian: synthetic_2d.JacobianFn,
+    spec: fokker_planck.GridSpec,
+    encode: fokker_planck.EncodeFn,
+    jacobian: fokker_planck.JacobianFn,
 ) -> dict[str, Any]:
   """All measurements at one ε (see module docstring)."""
   gaussian = densities.default_perturbation(epsilon)
   x, z = densities.sample_perturbed(gaussian, key, config.num_samples)
-  tables, info = fp.solve(densities.log_prob_perturbed, [gaussian], np.zeros(1), spec)
+  tables, info = fokker_planck.solve(densities.log_prob_perturbed, [gaussian], np.zeros(1), spec)
   if abs(info.mass[0] - 1.0) > 1e-6:
     raise ValueError(f"μ0 is not contained in the grid domain (mass {info.mass[0]}).")
   x1 = encode(tables, x).x
@@ -98,9 +97,9 @@ def measure(
   if config.convergence_check:
     # The same pipeline at a finer resolution (2x the time levels, 1.5x the table): its
     # distance to E estimates the discretisation error of E at this ε.
-    fine = fp.GridSpec(grid_size=spec.grid_size, num_time_steps=2 * spec.num_time_steps,
+    fine = fokker_planck.GridSpec(grid_size=spec.grid_size, num_time_steps=2 * spec.num_time_steps,
                        table_size=(3 * spec.table_size) // 2, t_max=spec.t_max)
-    fine_tables, _ = fp.solve(densities.log_prob_perturbed, [gaussian], np.zeros(1), fine)
+    fine_tables, _ = fokker_planck.solve(densities.log_prob_perturbed, [gaussian], np.zeros(1), fine)
     numerical = float(jnp.linalg.norm(encode(fine_tables, x).x - x1) / jnp.linalg.norm(z))
   displacement = math.sqrt(float(jnp.mean(jnp.sum((z - x) ** 2, axis=1))))
   l2_err = math.sqrt(float(jnp.mean(err**2)))
@@ -134,11 +133,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   bound = densities.hessian_bound(densities.default_perturbation(0.0))
   _validate(config, bound)
   common.set_precision(config.x64)
-  spec = fp.GridSpec(grid_size=config.grid_size, num_time_steps=config.num_time_steps,
+  spec = fokker_planck.GridSpec(grid_size=config.grid_size, num_time_steps=config.num_time_steps,
                      table_size=config.table_size, t_max=config.t_max)
   options = flow.SolverOptions(solver=config.solver, rtol=config.rtol, atol=config.atol)
   # The same compiled solver as synthetic_2d (trajectories saved and unused: nearly free).
-  encode, jacobian = fp.jitted(options, synthetic_2d.NUM_SAVED_TIMES)
+  encode, jacobian = fokker_planck.jitted(options, fokker_planck.NUM_SAVED_TIMES)
   key = jax.random.PRNGKey(config.seed)
   epsilons = [float(e) for e in config.epsilons]
   rows = []

@@ -32,7 +32,7 @@ import copy
 import dataclasses
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from absl import logging
 import jax
@@ -42,7 +42,7 @@ import numpy as np
 
 from ddpm_ot_jax import densities
 from ddpm_ot_jax import flow
-from ddpm_ot_jax import fokker_planck as fp
+from ddpm_ot_jax import fokker_planck
 from ddpm_ot_jax import ot
 from ddpm_ot_jax import plotting
 from ddpm_ot_jax.experiments import common
@@ -54,17 +54,12 @@ CONFIG_FIELDS = ("atol", "convergence_check_worst", "grid_size", "max_components
     "sweep_num_densities", "sweep_num_samples", "t_max", "table_size", "target_std")
 
 STAGES = ("density", "sample", "fokker_planck", "encode", "jacobian", "ot")
-NUM_SAVED_TIMES = 65
 FIGURE_RESOLUTION = 512  # grid of the density images in Figs. 2 and 4
 
-# fp.jitted's pair: encode(tables, x0) -> FlowSolution and encoder_jacobian(tables, x0) -> (n, 2, 2).
-EncodeFn = Callable[[fp.ScoreTables, jax.Array], flow.FlowSolution]
-JacobianFn = Callable[[fp.ScoreTables, jax.Array], jax.Array]
 
-
-def grid_spec(config: ml_collections.ConfigDict) -> fp.GridSpec:
+def grid_spec(config: ml_collections.ConfigDict) -> fokker_planck.GridSpec:
   """The Fokker–Planck grid of a config (grid_size, num_time_steps, table_size, t_max)."""
-  return fp.GridSpec(grid_size=config.grid_size, num_time_steps=config.num_time_steps,
+  return fokker_planck.GridSpec(grid_size=config.grid_size, num_time_steps=config.num_time_steps,
                      table_size=config.table_size, t_max=config.t_max)
 
 
@@ -107,10 +102,10 @@ class DensityResult:
 def process_density(
     key: jax.Array,
     config: ml_collections.ConfigDict,
-    spec: fp.GridSpec,
-    encode: EncodeFn,
-    jacobian: JacobianFn,
-) -> tuple[DensityResult, fp.ScoreTables]:
+    spec: fokker_planck.GridSpec,
+    encode: fokker_planck.EncodeFn,
+    jacobian: fokker_planck.JacobianFn,
+) -> tuple[DensityResult, fokker_planck.ScoreTables]:
   """Runs stages 1–5 on the density drawn from `key`; returns the result and its tables."""
   k_density, k_sample = jax.random.split(key)
   seconds, cpu_seconds = {}, {}
@@ -131,7 +126,7 @@ def process_density(
   x0 = densities.sample(mixture, k_sample, config.num_samples)
   lap("sample", x0)
   log_weights = -np.log(mixture.num_components) * np.ones(mixture.num_components)
-  tables, info = fp.solve(densities.log_prob, densities.components(mixture), log_weights, spec)
+  tables, info = fokker_planck.solve(densities.log_prob, densities.components(mixture), log_weights, spec)
   if np.any(np.abs(info.mass - 1.0) > 1e-6):
     raise ValueError(f"a component is not contained in the grid domain (masses {info.mass}).")
   lap("fokker_planck", tables.coeffs)
@@ -159,10 +154,10 @@ def process_density(
 def sample_size_sweep(
     key: jax.Array,
     mixture: densities.QuarticMixture,
-    tables: fp.ScoreTables,
+    tables: fokker_planck.ScoreTables,
     sizes: Sequence[int],
     config: ml_collections.ConfigDict,
-    encode: EncodeFn,
+    encode: fokker_planck.EncodeFn,
 ) -> list[float]:
   """ε_rel of fresh samples of each size n (same density and tables)."""
   out = []
@@ -179,10 +174,6 @@ def _pad_components(values: list[np.ndarray], k_max: int) -> np.ndarray:
   for i, v in enumerate(values):
     out[i, :len(v)] = v
   return out
-
-
-def _format_seconds(s: float) -> str:
-  return f"{s:.0f}s" if s < 120 else f"{s / 60:.1f}min"
 
 
 def finer_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -203,7 +194,7 @@ def convergence_check(config: ml_collections.ConfigDict, key: jax.Array, eps: np
   convergence_ot_relative_error_fine, convergence_jacobian_asymmetry_fine (lists).
   """
   fine = finer_config(config)
-  encode, jacobian = fp.jitted(solver_options(fine), NUM_SAVED_TIMES)
+  encode, jacobian = fokker_planck.jitted(solver_options(fine), fokker_planck.NUM_SAVED_TIMES)
   indices = [int(i) for i in np.argsort(-eps, kind="stable")[:config.convergence_check_worst]]
   change, eps_fine, asym_fine = [], [], []
   for i in indices:
@@ -225,7 +216,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   spec = grid_spec(config)
   options = solver_options(config)
   # Every encode saves its trajectories (cheap), so Fig. 4 needs no solve of its own.
-  encode, jacobian = fp.jitted(options, NUM_SAVED_TIMES)
+  encode, jacobian = fokker_planck.jitted(options, fokker_planck.NUM_SAVED_TIMES)
   key = jax.random.PRNGKey(config.seed)
   sweep_sizes = [int(n) for n in config.sweep_num_samples]
   num_sweep = min(config.sweep_num_densities, config.num_densities) if sweep_sizes else 0
@@ -251,7 +242,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                  result.mixture.num_components,
                  result.ot_relative_error,
                  result.identity_fraction, result.jacobian_asymmetry_median, result.nfe, stage_text, elapsed,
-                 _format_seconds(eta))
+                 common.format_seconds(eta))
   seconds_total = time.perf_counter() - start
 
   per_density = np.array([sum(r.seconds.values()) for r in results])

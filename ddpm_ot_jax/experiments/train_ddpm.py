@@ -55,22 +55,22 @@ SAMPLE_STREAM, CLASSIFIER_STREAM = 3, 100
 def check_sampling(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the config key when config.sampling cannot be run (checked
   before training, not after it)."""
-  sc = config.sampling
-  if sc.sampler not in samplers.SAMPLERS:
-    raise ValueError(f"sampling.sampler={sc.sampler!r} is not one of {samplers.SAMPLERS}.")
-  if sc.sampler in ("ddim", "dpm_solver") and not (
-      isinstance(sc.num_steps, int) and sc.num_steps >= 1):
+  sampling = config.sampling
+  if sampling.sampler not in samplers.SAMPLERS:
+    raise ValueError(f"sampling.sampler={sampling.sampler!r} is not one of {samplers.SAMPLERS}.")
+  if sampling.sampler in ("ddim", "dpm_solver") and not (
+      isinstance(sampling.num_steps, int) and sampling.num_steps >= 1):
     raise ValueError(f"sampling.num_steps must be a positive int for sampler "
-                     f"{sc.sampler!r}, got {sc.num_steps!r}.")
-  if sc.sampler == "dpm_solver":
-    if sc.get("order", 3) not in samplers.DPM_SOLVER_ORDERS:
+                     f"{sampling.sampler!r}, got {sampling.num_steps!r}.")
+  if sampling.sampler == "dpm_solver":
+    if sampling.get("order", 3) not in samplers.DPM_SOLVER_ORDERS:
       raise ValueError(f"sampling.order must be 1, 2 or 3 (DPM-Solver's multistep order), "
-                       f"got {sc.order!r}.")
-    if sc.get("variant", "dpmsolver++") not in samplers.DPM_SOLVER_VARIANTS:
+                       f"got {sampling.order!r}.")
+    if sampling.get("variant", "dpmsolver++") not in samplers.DPM_SOLVER_VARIANTS:
       raise ValueError(f"sampling.variant must be one of {samplers.DPM_SOLVER_VARIANTS}, got "
-                       f"{sc.variant!r}.")
-  if sc.num_samples < 1:
-    raise ValueError(f"sampling.num_samples must be ≥ 1, got {sc.num_samples}.")
+                       f"{sampling.variant!r}.")
+  if sampling.num_samples < 1:
+    raise ValueError(f"sampling.num_samples must be ≥ 1, got {sampling.num_samples}.")
 
 
 def _evaluate_with_classifier(config: ml_collections.ConfigDict, train_set: data.ImageDataset,
@@ -121,19 +121,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                result.steps_run, result.train_seconds, result.images_per_second,
                result.final_loss)
 
-  sc = config.sampling
-  if sc.sampler == "ddpm" and sc.num_steps != result.schedule.num_steps:
+  sampling = config.sampling
+  if sampling.sampler == "ddpm" and sampling.num_steps != result.schedule.num_steps:
     logging.info("sampler='ddpm' runs all %d steps (sampling.num_steps=%s is not used).",
-                 result.schedule.num_steps, sc.num_steps)
+                 result.schedule.num_steps, sampling.num_steps)
   sample_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), SAMPLE_STREAM)
-  kwargs = {"ddim": dict(eta=sc.eta),
-            "dpm_solver": dict(order=sc.order, variant=sc.variant)}.get(sc.sampler, {})
-  samples = samplers.sample_images(result.network, sample_key, sc.num_samples,
-                                   dataset.image_shape, sc.sampler, sc.num_steps,
-                                   sc.batch_size, **kwargs)
+  kwargs = {"ddim": dict(eta=sampling.eta),
+            "dpm_solver": dict(order=sampling.order, variant=sampling.variant)
+            }.get(sampling.sampler, {})
+  samples = samplers.sample_images(result.network, sample_key, sampling.num_samples,
+                                   dataset.image_shape, sampling.sampler, sampling.num_steps,
+                                   sampling.batch_size, **kwargs)
   nfe = samples.nfe
-  title = f"{config.data.name}: {sc.sampler}, {nfe} NFE, step {int(result.state.step)}"
-  common.save_image_grid(samples.images[:sc.grid_size], os.path.join(workdir, "samples.png"),
+  title = f"{config.data.name}: {sampling.sampler}, {nfe} NFE, step {int(result.state.step)}"
+  common.save_image_grid(samples.images[:sampling.grid_size], os.path.join(workdir, "samples.png"),
                          title)
   common.save_npz(os.path.join(workdir, "samples.npz"), samples=samples.images)
 
@@ -145,7 +146,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "images_per_second": result.images_per_second,
       "final_loss": result.final_loss,
       "num_devices": int(result.mesh.devices.size),
-      "num_samples": int(sc.num_samples),
+      "num_samples": int(sampling.num_samples),
       "sampling_nfe": nfe,
       "sample_seconds": samples.seconds,
       "samples_per_second": samples.images_per_second,
