@@ -454,8 +454,8 @@ def run(config) -> dict[str, Any]:
   }
 
 
-def _fmt_range(s: dict[str, float]) -> str:
-  return f"{s['median']:.2f} [{s['min']:.2f}, {s['max']:.2f}]"
+def _fmt_range(s: dict[str, float], fmt: str = ".2f") -> str:
+  return f"{s['median']:{fmt}} [{s['min']:{fmt}}, {s['max']:{fmt}}]"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -482,7 +482,7 @@ def markdown(result: dict[str, Any]) -> str:
       runs = s["runs"]
       lines.append(
           f"| {solver} | {s['learning_rate']:g} | "
-          f"{_fmt_range(_summary([r['iterations'] for r in runs]))} | "
+          f"{_fmt_range(_summary([r['iterations'] for r in runs]), '.0f')} | "
           f"{_fmt_range(_summary([r['seconds'] for r in runs]))} | "
           f"{statistics.median(r['samples'] for r in runs):.3g} | "
           f"{statistics.median(r['chi2'] for r in runs):.2e} | {s['all_reached']} |")

@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   # when ‖∇E‖ has not improved for more than `patience` steps and fewer than max_doublings
   # doublings happened, the sample count doubles and lr × lr_decay.
   config.reference = ml_collections.ConfigDict(dict(
-      learning_rates=(0.0125, 0.025, 0.05, 0.1),  # the sweep (units of h); the authors' lr_ot: 0.1
+      learning_rates=(0.003125, 0.00625, 0.0125, 0.025, 0.05, 0.1),  # the sweep (units of h); the authors' lr_ot: 0.1
       max_iterations=1500,
       samples_factor=10,
       chunk=4096,  # source samples per chunk (the authors' bat_size_sr)
