@@ -1,29 +1,42 @@
-r"""Semi-discrete OT: ott-jax's SemidiscreteSolver vs the DPM-OT / AE-OT reference algorithm.
+r"""Semi-discrete OT: the library's ott-jax solver vs the DPM-OT reference, like for like.
 
-  python scripts/bench_semidiscrete.py           # digits 1797×64 and 10000×3072
-  python scripts/bench_semidiscrete.py --small   # quick CPU run (500×3072 CIFAR-sized set)
+  python scripts/bench_semidiscrete.py                                  # configs/bench/semidiscrete.py
+  python scripts/bench_semidiscrete.py --config.source=uniform --config.num_seeds=5
 
-Targets: scikit-learn's digits (1797 × 64, pixels on [−1, 1]) and a CIFAR-sized set of random
-smooth RGB images (N × 32·32·3). Both solvers get the same targets, the same source
-(N(0, I)), the same initial potential (--init), the same stopping rule and the same judge: every --eval_every iterations the current potential is scored by
-`semidiscrete.marginal_error` on the same S fresh source samples (one fixed key), and a solver
-stops once the total variation of its cell masses from 1/N is ≤ --target_factor × the TV a
-perfect potential shows at that S (the Monte-Carlo floor), or at its iteration cap. Seconds
-count solver iterations only (compilation excluded; evaluation excluded for both).
+Reads configs/bench/semidiscrete.py (ml_collections, `--config.KEY=VALUE` overrides, as
+scripts/main.py). For each problem (targets y_1 … y_N) both solvers get the same source
+(config.source: N(0, I), or the reference's own U[0, 1]^d), the same start (config.init) and the
+same judge: every config.eval_every iterations the current potential is scored by
+`semidiscrete.marginal_error` on S fixed fresh source samples (one key per seed), and a solver
+stops at the first check where the unbiased χ² of its cell masses,
+
+    χ̂² = N Σ_j c_j (c_j − 1) / (S (S − 1)) − 1 = (S · chi2 − (N − 1)) / (S − 1)
+
+(ott's estimator, the one `semidiscrete.solve_potential` stops on; `chi2` is marginal_error's
+plug-in N Σ_j (c_j/S − 1/N)²), is ≤ config.chi2_target (2.5e-3, the project's target), or at
+its iteration cap. Seconds count solver iterations only (compilation and the judge excluded).
+
+Each solver's learning rate is picked per problem by a sweep on seed 0 (the fastest to the
+target; a sweep run is abandoned once it has used config.sweep_abandon_factor × the best
+time so far); then seeds 0 … num_seeds − 1 run at that lr (seed 0's run is the sweep's).
+The ratio reference seconds / ott seconds (> 1: ott faster) is reported per seed, as median
+and range.
 
 Peers:
-* ott-jax: `SemidiscreteSolver.step` (ott's loss, hard-assignment gradient and optax Adam with
-  cosine decay from --ott_learning_rate over --ott_iterations, EMA of g as in its solver),
-  --ott_batch_size samples per iteration, driven in jitted chunks of --eval_every steps.
-* reference: the AE-OT `pyOMT_raw.run_gd` algorithm as DPM-OT uses it, re-written here in JAX:
-  heights h, cells argmax_j ⟨x, y_j⟩ + h_j found over target blocks with a running max;
-  cell masses from (--reference_samples_factor · N) source samples per iteration in chunks;
-  Adam without bias correction (β = 0.9, 0.999, lr --reference_learning_rate = 0.1), h
-  re-centred each step; when ‖∇E‖ has not improved for 30 iterations the sample count
-  doubles and lr × 0.8. (The reference's own stop, ‖∇E‖ < 8e-4 with no empty cell, is
-  replaced by the shared rule; it draws Sobol / uniform points, here Gaussian for both.)
+* ours: `semidiscrete.solve_potential`'s solver, ott-jax `SemidiscreteSolver` (hard
+  assignment, optax Adam with cosine decay from the lr to 0 over ott.max_iterations, EMA 0.99
+  of g, which is what is judged), driven here with `SemidiscreteSolver.step` in jitted chunks
+  of eval_every steps with the same keys as solve_potential (tests check the g agree).
+* reference: DPM-OT's `OptimalTransport.train_ot` (ot_utils/optimal_transport.py, itself from
+  AE-OT's pyOMT_raw), in JAX: heights h (start 0), cells argmax_j ⟨x, y_j⟩ + h_j over target
+  blocks with a running max, cell masses from (samples_factor · N // chunk) chunks of `chunk`
+  source samples per step, ∇E = μ̂(W_j) − 1/N, Adam without bias correction
+  (m ← 0.9 m + 0.1 ∇E, v ← 0.999 v + 0.001 ∇E², h ← h − lr m / (√v + 1e-8)), h re-centred;
+  if ‖∇E‖ < best: best, count_bad = ‖∇E‖, 0, else count_bad += 1; if count_bad > 50 and
+  count_double < 3: the chunk count doubles, lr × 0.8, count_bad = 0, best = ∞,
+  count_double += 1. Its own stop (‖∇E‖ < 8e-4 and no empty cell) is replaced by the judge.
 
-Writes --out (JSON) and prints a table.
+Writes config.out (JSON) and prints markdown tables.
 """
 from __future__ import annotations
 
@@ -31,86 +44,85 @@ import dataclasses
 import functools
 import math
 import os
+import statistics
 import sys
 import time
 from typing import Any
 
-from absl import app
-from absl import flags
 import numpy as np
-import optax
-
-import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddpm_ot_jax import semidiscrete  # pylint: disable=g-import-not-at-top
-from ddpm_ot_jax.experiments import common  # pylint: disable=g-import-not-at-top
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import optax  # pylint: disable=g-import-not-at-top
 from ott.geometry import semidiscrete_pointcloud  # pylint: disable=g-import-not-at-top
 from ott.problems.linear import semidiscrete_linear_problem  # pylint: disable=g-import-not-at-top
 from ott.solvers.linear import semidiscrete as ott_semidiscrete  # pylint: disable=g-import-not-at-top,line-too-long
 
-_PROBLEMS = flags.DEFINE_list("problems", ["digits", "cifar"], "Which target sets: digits, cifar.")
-_SOLVERS = flags.DEFINE_list("solvers", ["ott", "reference"], "Which solvers to run.")
-_SMALL = flags.DEFINE_bool("small", False, "Quick settings: smaller CIFAR-sized set, fewer steps.")
-_CIFAR_N = flags.DEFINE_integer("cifar_num_targets", 10000, "N of the CIFAR-sized random set.")
-_CIFAR_SIDE = flags.DEFINE_integer("cifar_side", 32, "Side of the CIFAR-sized random images "
-                                   "(d = side² · 3).")
-_INIT = flags.DEFINE_enum("init", "h0", ["h0", "g0"],
-                          "Common start of both solvers: h = 0 (the reference's start, "
-                          "g = ‖y‖² − mean) or g = 0 (ott's default start).")
-_EVAL_EVERY = flags.DEFINE_integer("eval_every", 100, "Iterations between shared evaluations.")
-_EVAL_FACTOR = flags.DEFINE_integer("eval_samples_per_target", 100,
-                                    "S = this × N fresh samples for the shared evaluation.")
-_TARGET = flags.DEFINE_float("target_factor", 1.5, "Stop at TV ≤ this × the Monte-Carlo floor.")
-_OTT_ITERS = flags.DEFINE_integer("ott_iterations", 3000, "ott: cap and cosine-decay horizon.")
-_OTT_BATCH = flags.DEFINE_integer("ott_batch_size", 1024, "ott: source samples per iteration.")
-_OTT_LR = flags.DEFINE_float("ott_learning_rate", 0.05, "ott: initial Adam learning rate (g).")
-_REF_ITERS = flags.DEFINE_integer("reference_iterations", 5000, "reference: iteration cap.")
-_REF_LR = flags.DEFINE_float("reference_learning_rate", 0.1, "reference: Adam lr (units of h).")
-_REF_FACTOR = flags.DEFINE_integer("reference_samples_factor", 10,
-                                   "reference: initial samples per iteration = this × N.")
-_REF_CHUNK = flags.DEFINE_integer("reference_chunk", 4096, "reference: samples per chunk.")
-_BLOCK = flags.DEFINE_integer("block_size", 2048, "Target block size of the running argmax.")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
-_OUT = flags.DEFINE_string("out", "bench_results/semidiscrete.json", "JSON output path.")
+from ddpm_ot_jax import semidiscrete  # pylint: disable=g-import-not-at-top
+from ddpm_ot_jax.experiments import common  # pylint: disable=g-import-not-at-top
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(_REPO, "configs", "bench", "semidiscrete.py")
+PROBLEMS = ("digits", "images")
 
 
 # --------------------------------------------------------------------------------------
 # Targets.
 
 
-def digits_targets() -> np.ndarray:
+def digits_targets(num_targets: int) -> np.ndarray:
   import sklearn.datasets  # pylint: disable=g-import-not-at-top
-  images = sklearn.datasets.load_digits().images.reshape(-1, 64)
+  images = sklearn.datasets.load_digits().images.reshape(-1, 64)[:num_targets]
   return (images / 8.0 - 1.0).astype(np.float32)
 
 
-def random_image_targets(key: jax.Array, n: int, side: int) -> np.ndarray:
-  """Random smooth RGB 'images' on [−1, 1], flattened to d = side² · 3.
+def image_targets(num_targets: int, side: int, seed: int = 0) -> np.ndarray:
+  """Smooth random RGB 'images' on [−1, 1], flattened to d = side² · 3.
 
-  Uniform 4×4×3 colour fields upsampled bilinearly plus 0.1·N(0, 1) pixel noise, clipped: the
-  pixels are correlated and the norms vary, as in real images. (I.i.d. uniform pixels would be
-  a degenerate test: in high dimension such targets are nearly orthogonal with equal norms, so
-  h = 0 already balances the cells.)
+  Uniform 4×4×3 colour fields upsampled bilinearly plus 0.1·N(0, 1) pixel noise, clipped:
+  correlated pixels and varying norms, as in real images.
   """
-  k_low, k_noise = jax.random.split(key)
-  low = jax.random.uniform(k_low, (n, 4, 4, 3), jnp.float32, -1.0, 1.0)
-  images = jax.image.resize(low, (n, side, side, 3), "bilinear")
+  k_low, k_noise = jax.random.split(jax.random.key(seed))
+  low = jax.random.uniform(k_low, (num_targets, 4, 4, 3), jnp.float32, -1.0, 1.0)
+  images = jax.image.resize(low, (num_targets, side, side, 3), "bilinear")
   images = images + 0.1 * jax.random.normal(k_noise, images.shape)
-  return np.asarray(jnp.clip(images, -1.0, 1.0).reshape(n, -1))
+  return np.asarray(jnp.clip(images, -1.0, 1.0).reshape(num_targets, -1))
 
 
-def initial_potential(targets: np.ndarray, init: str) -> np.ndarray:
-  """g at the start of both solvers: 0, or ‖y_j‖² − mean (h = 0)."""
-  if init == "g0":
+def problem_targets(name: str, config) -> np.ndarray:
+  if name == "digits":
+    return digits_targets(config.digits.num_targets)
+  if name == "images":
+    return image_targets(config.images.num_targets, config.images.side)
+  raise ValueError(f"Unknown problem {name!r}; choose from {PROBLEMS}.")
+
+
+def initial_heights(targets: np.ndarray, init: str) -> np.ndarray:
+  """h at the start of both solvers: 0 (the reference's start) or that of g = 0."""
+  if init == "h0":
     return np.zeros(len(targets), np.float32)
-  sq = np.sum(targets.astype(np.float64) ** 2, axis=1)
-  return (sq - sq.mean()).astype(np.float32)
+  if init == "g0":
+    h = np.asarray(semidiscrete.heights_from_potential(jnp.zeros(len(targets)), targets))
+    return (h - h.mean()).astype(np.float32)
+  raise ValueError(f"Unknown init {init!r}; choose h0 or g0.")
 
 
 # --------------------------------------------------------------------------------------
 # The shared judge.
+
+
+def unbiased_chi2(plug_in_chi2: float, num_targets: int, num_samples: int) -> float:
+  """ott's unbiased χ² estimator N Σ c(c − 1)/(S(S − 1)) − 1, from the plug-in N Σ (c/S − 1/N)²."""
+  s = num_samples
+  return (s * plug_in_chi2 - (num_targets - 1)) / (s - 1)
+
+
+def default_eval_samples(num_targets: int, chi2_target: float, batch: int = 4096) -> int:
+  """Smallest multiple of `batch` with estimator noise √(2N)/S ≤ chi2_target / 5."""
+  s = 5.0 * math.sqrt(2.0 * num_targets) / chi2_target
+  return batch * math.ceil(s / batch)
 
 
 @dataclasses.dataclass
@@ -118,104 +130,154 @@ class Judge:
   targets: np.ndarray
   key: jax.Array
   num_samples: int
-  target_factor: float
+  chi2_target: float
+  source: str
   block_size: int
-  floor_tv: float = float("nan")
   seconds: float = 0.0
 
   def __call__(self, g: jax.Array) -> dict[str, float]:
     start = time.perf_counter()
     err = semidiscrete.marginal_error(self.key, self.targets, g, self.num_samples,
-                                      block_size=self.block_size)
-    self.floor_tv = err["floor_total_variation"]
+                                      source=self.source, block_size=self.block_size)
+    err["chi2_unbiased"] = unbiased_chi2(err["chi2"], len(self.targets), self.num_samples)
     self.seconds += time.perf_counter() - start
     return err
 
   def reached(self, err: dict[str, float]) -> bool:
-    return err["total_variation"] <= self.target_factor * err["floor_total_variation"]
+    return err["chi2_unbiased"] <= self.chi2_target
 
 
 @dataclasses.dataclass
 class RunResult:
-  name: str
+  solver: str
+  learning_rate: float
+  seed: int
   iterations: int
   seconds: float
   reached: bool
+  abandoned: bool
+  chi2: float  # unbiased χ² at the last check
   total_variation: float
-  max_relative_error: float
   empty_cells: int
-  history: list[tuple[int, float, float]]  # (iteration, seconds, TV)
+  samples: int  # source samples drawn by the solver
+  history: list[tuple[int, float, float]]  # (iteration, seconds, χ²)
   extra: dict[str, Any]
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
 
 
 # --------------------------------------------------------------------------------------
-# ott-jax.
+# Ours: the library's ott-jax solver.
 
 
-def _normal(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-  return jax.random.normal(key, shape, dtype)
-
-
-def run_ott(targets: np.ndarray, g_init: np.ndarray, judge: Judge, key: jax.Array,
-            num_iterations: int, batch_size: int, learning_rate: float,
-            eval_every: int) -> RunResult:
-  y = jnp.asarray(targets)
-  geom = semidiscrete_pointcloud.SemidiscretePointCloud(_normal, y, epsilon=0.0)
-  prob = semidiscrete_linear_problem.SemidiscreteLinearProblem(geom)
-  solver = ott_semidiscrete.SemidiscreteSolver(
+def ott_solver(num_iterations: int, batch_size: int, learning_rate: float,
+               potential_ema: float) -> ott_semidiscrete.SemidiscreteSolver:
+  """The solver `semidiscrete.solve_potential` builds (its optimizer, EMA, batch)."""
+  return ott_semidiscrete.SemidiscreteSolver(
       num_iterations=num_iterations, batch_size=batch_size,
       optimizer=optax.adam(optax.cosine_decay_schedule(learning_rate, num_iterations)),
-      error_eval_every=num_iterations)
+      error_eval_every=num_iterations, potential_ema=potential_ema)
+
+
+def ott_step_key(key: jax.Array) -> jax.Array:
+  """The key whose fold_in(·, it) draws iteration it's batch in solve_potential(key, …)."""
+  key_solve, _ = jax.random.split(key)  # solve_potential: (solve, check)
+  rng, _ = jax.random.split(key_solve)  # SemidiscreteSolver.__call__: (steps, error)
+  return rng
+
+
+def run_ott(targets: np.ndarray, g_init: np.ndarray, judge: Judge, key: jax.Array, *,
+            learning_rate: float, max_iterations: int, batch_size: int, potential_ema: float,
+            eval_every: int, seed: int = 0, give_up_seconds: float = math.inf,
+            log: bool = True) -> RunResult:
+  y = jnp.asarray(targets)
+  sampler = semidiscrete._sampler(judge.source)  # pylint: disable=protected-access
+  geom = semidiscrete_pointcloud.SemidiscretePointCloud(sampler, y, epsilon=0.0)
+  prob = semidiscrete_linear_problem.SemidiscreteLinearProblem(geom)
+  solver = ott_solver(max_iterations, batch_size, learning_rate, potential_ema)
   g0 = jnp.asarray(g_init, y.dtype)
   state = ott_semidiscrete.SemidiscreteState(
-      it=jnp.array(0), epsilon=jnp.array(0.0, y.dtype), g=g0, g_ema=g0,
+      it=jnp.array(0), epsilon=jnp.array(jnp.nan, y.dtype), g=g0, g_ema=g0,
       opt_state=solver.optimizer.init(g0),
-      losses=jnp.full((num_iterations,), jnp.inf, y.dtype),
-      grad_norms=jnp.full((num_iterations,), jnp.inf, y.dtype),
+      losses=jnp.full((max_iterations,), jnp.inf, y.dtype),
+      grad_norms=jnp.full((max_iterations,), jnp.inf, y.dtype),
       errors=jnp.full((1,), jnp.inf, y.dtype))
+  rng = ott_step_key(key)
 
   @functools.partial(jax.jit, static_argnums=2)
   def chunk(state, start, length):
     def body(s, it):
-      return solver.step(jax.random.fold_in(key, it), s, prob), None
+      return solver.step(jax.random.fold_in(rng, it), s, prob), None
     return jax.lax.scan(body, state, start + jnp.arange(length))[0]
 
-  jax.block_until_ready(chunk(state, 0, eval_every))  # compile
+  compiled = {}
+
+  def get(length):
+    if length not in compiled:
+      compiled[length] = chunk.lower(state, 0, length).compile()
+    return compiled[length]
+
+  get(min(eval_every, max_iterations))
   history, seconds, it = [], 0.0, 0
   err = judge(g0)
-  while it < num_iterations and not judge.reached(err):
-    length = min(eval_every, num_iterations - it)
-    if length != eval_every:
-      jax.block_until_ready(chunk(state, it, length))  # compile the last, shorter chunk
+  while it < max_iterations and not judge.reached(err) and seconds < give_up_seconds:
+    length = min(eval_every, max_iterations - it)
+    fn = get(length)
     start = time.perf_counter()
-    state = jax.block_until_ready(chunk(state, it, length))
+    state = jax.block_until_ready(fn(state, it))
     seconds += time.perf_counter() - start
     it += length
     err = judge(state.g_ema)  # the potential ott's solver returns
-    history.append((it, seconds, err["total_variation"]))
-    print(f"  ott        it {it:6d}  {seconds:8.1f} s  TV {err['total_variation']:.4f} "
-          f"(target {judge.target_factor * err['floor_total_variation']:.4f})", flush=True)
-  return RunResult("ott-jax", it, seconds, judge.reached(err), err["total_variation"],
-                   err["max_relative_error"], err["empty_cells"], history,
-                   {"batch_size": batch_size, "learning_rate": learning_rate,
-                    "samples_per_iteration": batch_size})
+    history.append((it, seconds, err["chi2_unbiased"]))
+  reached = judge.reached(err)
+  if log:
+    print(f"  ott        lr {learning_rate:<6g} seed {seed}  it {it:5d}  {seconds:7.2f} s  "
+          f"χ² {err['chi2_unbiased']:.2e}  reached {reached}", flush=True)
+  return RunResult("ott", learning_rate, seed, it, seconds, reached,
+                   not reached and it < max_iterations, err["chi2_unbiased"],
+                   err["total_variation"], err["empty_cells"], it * batch_size, history,
+                   {"batch_size": batch_size, "g": np.asarray(state.g_ema)})
 
 
 # --------------------------------------------------------------------------------------
-# The reference algorithm (AE-OT pyOMT_raw.run_gd, as used by DPM-OT), in JAX.
+# The reference (DPM-OT OptimalTransport.train_ot), in JAX.
+
+
+@dataclasses.dataclass
+class SampleDoubling:
+  """The reference's plateau rule on ‖∇E‖ (count_bad / count_double)."""
+  patience: int = 50
+  max_doublings: int = 3
+  best: float = math.inf
+  count_bad: int = 0
+  doublings: int = 0
+
+  def update(self, grad_norm: float) -> bool:
+    """Records one step's ‖∇E‖; True when the sample count doubles (and lr decays) now."""
+    if grad_norm < self.best:
+      self.best, self.count_bad = grad_norm, 0
+    else:
+      self.count_bad += 1
+    if self.count_bad > self.patience and self.doublings < self.max_doublings:
+      self.count_bad, self.best = 0, math.inf
+      self.doublings += 1
+      return True
+    return False
 
 
 def _reference_cell_counts(key: jax.Array, y: jax.Array, h: jax.Array, num_chunks: jax.Array,
-                           chunk: int, block: int) -> jax.Array:
+                           chunk: int, block: int, source: str) -> jax.Array:
   """Histogram of argmax_j ⟨x, y_j⟩ + h_j over num_chunks × chunk source samples."""
   n, d = y.shape
+  block = min(block, n)
   num_blocks = -(-n // block)
   pad = num_blocks * block - n
   y_blocks = jnp.pad(y, ((0, pad), (0, 0))).reshape(num_blocks, block, d)
   h_blocks = jnp.pad(h, (0, pad), constant_values=-jnp.inf).reshape(num_blocks, block)
 
   def one_chunk(c, counts):
-    x = jax.random.normal(jax.random.fold_in(key, c), (chunk, d), y.dtype)
+    x = semidiscrete.sample_source(jax.random.fold_in(key, c), (chunk, d), source, y.dtype)
 
     def one_block(b, best):
       val, idx = best
@@ -231,153 +293,224 @@ def _reference_cell_counts(key: jax.Array, y: jax.Array, h: jax.Array, num_chunk
   return jax.lax.fori_loop(0, num_chunks, one_chunk, jnp.zeros((n,), jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "block"))
-def _reference_step(key, y, h, m, v, lr, num_chunks, chunk: int, block: int):
+@functools.partial(jax.jit, static_argnames=("chunk", "block", "source"))
+def _reference_step(key, y, h, m, v, lr, num_chunks, chunk: int, block: int, source: str):
   n = y.shape[0]
-  counts = _reference_cell_counts(key, y, h, num_chunks, chunk, block)
+  counts = _reference_cell_counts(key, y, h, num_chunks, chunk, block, source)
   grad = counts / (num_chunks * chunk) - 1.0 / n  # ∇E = μ(W_j) − ν_j
   m = 0.9 * m + 0.1 * grad
   v = 0.999 * v + 0.001 * grad * grad
   h = h - lr * m / (jnp.sqrt(v) + 1e-8)
   h = h - jnp.mean(h)
-  return h, m, v, jnp.linalg.norm(grad), jnp.sum(counts == 0)
+  return h, m, v, jnp.linalg.norm(grad)
 
 
-def run_reference(targets: np.ndarray, g_init: np.ndarray, judge: Judge, key: jax.Array,
-                  max_iterations: int,
-                  learning_rate: float, samples_factor: int, chunk: int, block: int,
-                  eval_every: int) -> RunResult:
+def run_reference(targets: np.ndarray, h_init: np.ndarray, judge: Judge, key: jax.Array, *,
+                  learning_rate: float, max_iterations: int, samples_factor: int, chunk: int,
+                  patience: int, max_doublings: int, lr_decay: float, block: int,
+                  eval_every: int, seed: int = 0, give_up_seconds: float = math.inf,
+                  log: bool = True) -> RunResult:
   y = jnp.asarray(targets)
   n = y.shape[0]
   chunk = min(chunk, samples_factor * n)
-  num_chunks = max(1, round(samples_factor * n / chunk))
-  h = semidiscrete.heights_from_potential(jnp.asarray(g_init, y.dtype), y)
+  num_chunks = max(1, samples_factor * n // chunk)  # the authors' 10 · N // bat_size_sr
+  h = jnp.asarray(h_init, y.dtype)
   h = h - jnp.mean(h)
   m = jnp.zeros_like(h)
   v = jnp.zeros_like(h)
   lr = learning_rate
-  best_norm, count_bad, doublings = math.inf, 0, 0
-  step = lambda it, h, m, v: _reference_step(jax.random.fold_in(key, it), y, h, m, v,
-                                             jnp.asarray(lr, y.dtype), jnp.int32(num_chunks),
-                                             chunk, block)
+  rule = SampleDoubling(patience, max_doublings)
+
+  def step(it, h, m, v):
+    return _reference_step(jax.random.fold_in(key, it), y, h, m, v, jnp.asarray(lr, y.dtype),
+                           jnp.int32(num_chunks), chunk, block, judge.source)
+
   jax.block_until_ready(step(0, h, m, v))  # compile
-  history, seconds, it = [], 0.0, 0
+  history, seconds, it, samples, doubled_at = [], 0.0, 0, 0, []
   err = judge(semidiscrete.potential_from_heights(h, y))
-  while it < max_iterations and not judge.reached(err):
+  while it < max_iterations and not judge.reached(err) and seconds < give_up_seconds:
     start = time.perf_counter()
     for _ in range(min(eval_every, max_iterations - it)):
-      h, m, v, g_norm, _ = step(it, h, m, v)
-      g_norm = float(g_norm)  # the reference reads it every step (plateau rule)
-      if g_norm <= best_norm:
-        best_norm, count_bad = g_norm, 0
-      else:
-        count_bad += 1
-      if count_bad > 30:
-        num_chunks *= 2
-        lr *= 0.8
-        doublings += 1
-        best_norm, count_bad = math.inf, 0
+      h, m, v, grad_norm = step(it, h, m, v)
+      samples += num_chunks * chunk
       it += 1
+      if rule.update(float(grad_norm)):  # the authors read ‖∇E‖ every step, too
+        num_chunks *= 2
+        lr *= lr_decay
+        doubled_at.append(it)
     jax.block_until_ready(h)
     seconds += time.perf_counter() - start
     err = judge(semidiscrete.potential_from_heights(h, y))
-    history.append((it, seconds, err["total_variation"]))
-    print(f"  reference  it {it:6d}  {seconds:8.1f} s  TV {err['total_variation']:.4f} "
-          f"samples/it {num_chunks * chunk}  lr {lr:.3g}", flush=True)
-  return RunResult("reference (AE-OT/DPM-OT)", it, seconds, judge.reached(err),
-                   err["total_variation"], err["max_relative_error"], err["empty_cells"], history,
-                   {"learning_rate": learning_rate, "final_learning_rate": lr,
-                    "samples_per_iteration_start": samples_factor * n,
-                    "samples_per_iteration_end": num_chunks * chunk, "doublings": doublings})
+    history.append((it, seconds, err["chi2_unbiased"]))
+  reached = judge.reached(err)
+  if log:
+    print(f"  reference  lr {learning_rate:<6g} seed {seed}  it {it:5d}  {seconds:7.2f} s  "
+          f"χ² {err['chi2_unbiased']:.2e}  reached {reached}  doublings {rule.doublings}",
+          flush=True)
+  return RunResult("reference", learning_rate, seed, it, seconds, reached,
+                   not reached and it < max_iterations, err["chi2_unbiased"],
+                   err["total_variation"], err["empty_cells"], samples, history,
+                   {"samples_per_iteration_start": samples_factor * n // chunk * chunk,
+                    "samples_per_iteration_end": num_chunks * chunk,
+                    "doublings": rule.doublings, "doubled_at": doubled_at,
+                    "final_learning_rate": lr})
 
 
 # --------------------------------------------------------------------------------------
+# Sweep, seeds, ratio.
 
 
-def bench_problem(name: str, targets: np.ndarray, key: jax.Array, ott_iterations: int,
-                  reference_iterations: int) -> dict[str, Any]:
+def _run(solver: str, config, targets, h_init, judge, key, lr, seed, give_up=math.inf):
+  if solver == "ott":
+    g_init = np.asarray(semidiscrete.potential_from_heights(jnp.asarray(h_init), targets))
+    return run_ott(targets, g_init - g_init.mean(), judge, key, learning_rate=lr,
+                   max_iterations=config.ott.max_iterations, batch_size=config.ott.batch_size,
+                   potential_ema=config.ott.potential_ema, eval_every=config.eval_every,
+                   seed=seed, give_up_seconds=give_up)
+  ref = config.reference
+  return run_reference(targets, h_init, judge, key, learning_rate=lr,
+                       max_iterations=ref.max_iterations, samples_factor=ref.samples_factor,
+                       chunk=ref.chunk, patience=ref.patience, max_doublings=ref.max_doublings,
+                       lr_decay=ref.lr_decay, block=config.block_size,
+                       eval_every=config.eval_every, seed=seed, give_up_seconds=give_up)
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+  return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def bench_problem(name: str, targets: np.ndarray, config) -> dict[str, Any]:
   n, d = targets.shape
-  k_judge, k_ott, k_ref = jax.random.split(key, 3)
-  judge = Judge(targets, k_judge, _EVAL_FACTOR.value * n, _TARGET.value, _BLOCK.value)
-  g_init = initial_potential(targets, _INIT.value)
-  print(f"{name}: N={n}, d={d}, judge S={judge.num_samples}", flush=True)
-  results = []
-  if "ott" in _SOLVERS.value:
-    results.append(run_ott(targets, g_init, judge, k_ott, ott_iterations, _OTT_BATCH.value,
-                           _OTT_LR.value, _EVAL_EVERY.value))
-  if "reference" in _SOLVERS.value:
-    results.append(run_reference(targets, g_init, judge, k_ref, reference_iterations,
-                                 _REF_LR.value,
-                                 _REF_FACTOR.value, _REF_CHUNK.value, _BLOCK.value,
-                                 _EVAL_EVERY.value))
-  runs = {}
-  for r in results:
-    runs[r.name] = {
-        "iterations": r.iterations, "seconds": r.seconds,
-        "seconds_per_iteration": r.seconds / max(r.iterations, 1),
-        "reached_target": r.reached, "total_variation": r.total_variation,
-        "max_relative_error": r.max_relative_error, "empty_cells": r.empty_cells,
-        "history": r.history, **r.extra}
-  out = {
-      "num_targets": n, "dim": d, "judge_samples": judge.num_samples,
-      "initial_total_variation": judge(jnp.asarray(g_init))["total_variation"],
-      "floor_total_variation": judge.floor_tv,
-      "target_total_variation": judge.target_factor * judge.floor_tv,
-      "runs": runs,
-  }
-  if len(results) == 2:
-    ott_result, ref_result = results
-    # > 1: ott-jax is faster. Only a like-for-like ratio when both reached the target.
-    out["time_ratio_reference_over_ott"] = ref_result.seconds / max(ott_result.seconds, 1e-9)
-    out["iteration_ratio_reference_over_ott"] = ref_result.iterations / max(ott_result.iterations,
-                                                                            1)
-    out["ratio_is_at_equal_accuracy"] = ott_result.reached and ref_result.reached
+  num_eval = config.eval_samples or default_eval_samples(n, config.chi2_target)
+  h_init = initial_heights(targets, config.init)
+  print(f"{name}: N={n}, d={d}, source {config.source}, judge S={num_eval}", flush=True)
+
+  def judge_for(seed):
+    key = jax.random.fold_in(jax.random.key(seed), 0)
+    return Judge(targets, key, num_eval, config.chi2_target, config.source, config.block_size)
+
+  def solver_key(solver, seed):
+    return jax.random.fold_in(jax.random.key(seed), 1 if solver == "ott" else 2)
+
+  out: dict[str, Any] = {"num_targets": n, "dim": d, "judge_samples": num_eval,
+                         "judge_noise": math.sqrt(2.0 * n) / num_eval, "solvers": {}}
+  out["initial_chi2"] = judge_for(0)(
+      semidiscrete.potential_from_heights(jnp.asarray(h_init), targets))["chi2_unbiased"]
+  seeds = list(range(config.num_seeds))
+  for solver in ("ott", "reference"):
+    lrs = config.ott.learning_rates if solver == "ott" else config.reference.learning_rates
+    sweep, best = [], None
+    for lr in lrs:
+      give_up = (config.sweep_abandon_factor * best.seconds) if best is not None else math.inf
+      r = _run(solver, config, targets, h_init, judge_for(seeds[0]), solver_key(solver, seeds[0]),
+               float(lr), seeds[0], give_up)
+      sweep.append(r)
+      if r.reached and (best is None or r.seconds < best.seconds):
+        best = r
+    if best is None:  # none reached: the lowest χ² at the cap
+      best = min(sweep, key=lambda r: r.chi2)
+    runs = [best] + [
+        _run(solver, config, targets, h_init, judge_for(s), solver_key(solver, s),
+             best.learning_rate, s) for s in seeds[1:]]
+    out["solvers"][solver] = {
+        "learning_rate": best.learning_rate,
+        "sweep": [_public(r) for r in sweep],
+        "runs": [_public(r) for r in runs],
+        "all_reached": all(r.reached for r in runs),
+    }
+  ott_runs = out["solvers"]["ott"]["runs"]
+  ref_runs = out["solvers"]["reference"]["runs"]
+  time_ratios = [r["seconds"] / max(o["seconds"], 1e-9) for o, r in zip(ott_runs, ref_runs)]
+  iter_ratios = [r["iterations"] / max(o["iterations"], 1) for o, r in zip(ott_runs, ref_runs)]
+  sample_ratios = [r["samples"] / max(o["samples"], 1) for o, r in zip(ott_runs, ref_runs)]
+  out["time_ratio_reference_over_ott"] = {"per_seed": time_ratios, **_summary(time_ratios)}
+  out["iteration_ratio_reference_over_ott"] = {"per_seed": iter_ratios, **_summary(iter_ratios)}
+  out["sample_ratio_reference_over_ott"] = {"per_seed": sample_ratios,
+                                            **_summary(sample_ratios)}
+  out["ratio_is_at_equal_accuracy"] = (out["solvers"]["ott"]["all_reached"]
+                                       and out["solvers"]["reference"]["all_reached"])
   return out
 
 
-def main(argv):
-  del argv
-  key = jax.random.key(_SEED.value)
-  small = _SMALL.value
-  problems = {}
-  for name in _PROBLEMS.value:
-    key, k_targets, k_run = jax.random.split(key, 3)
-    if name == "digits":
-      targets = digits_targets()
-      ott_iters = _OTT_ITERS.value
-      ref_iters = _REF_ITERS.value
-    elif name == "cifar":
-      n = min(_CIFAR_N.value, 500) if small else _CIFAR_N.value
-      targets = random_image_targets(k_targets, n, _CIFAR_SIDE.value)
-      ott_iters = min(_OTT_ITERS.value, 1500) if small else _OTT_ITERS.value
-      ref_iters = min(_REF_ITERS.value, 250) if small else _REF_ITERS.value
-    else:
-      raise app.UsageError(f"Unknown problem {name!r}; choose digits or cifar.")
-    problems[name] = bench_problem(name, targets, k_run, ott_iters, ref_iters)
+def _public(r: RunResult) -> dict[str, Any]:
+  d = r.to_dict()
+  d["extra"] = {k: v for k, v in d["extra"].items() if k != "g"}
+  return d
 
-  result = {
+
+def run(config) -> dict[str, Any]:
+  """The benchmark for a config of configs/bench/semidiscrete.py; returns the JSON dict."""
+  if config.source not in semidiscrete.SOURCES:
+    raise ValueError(f"Unknown source {config.source!r}; choose from {semidiscrete.SOURCES}.")
+  if config.num_seeds < 1:
+    raise ValueError("num_seeds must be ≥ 1.")
+  names = [p.strip() for p in config.problems.split(",") if p.strip()]
+  problems = {name: bench_problem(name, problem_targets(name, config), config)
+              for name in names}
+  return {
       "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
-      "cpu_count": os.cpu_count(), "small": small, "target_factor": _TARGET.value,
-      "init": _INIT.value,
-      "eval_every": _EVAL_EVERY.value, "problems": problems,
+      "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()),
+      "config": config.to_dict(), "problems": problems,
   }
-  common.write_json(_OUT.value, result)
 
-  header = (f"{'problem':8s} {'N×d':>12s} {'solver':26s} {'iters':>7s} {'seconds':>9s} "
-            f"{'s/iter':>8s} {'TV':>7s} {'target':>7s} {'reached':>7s}")
-  print("\n" + header + "\n" + "-" * len(header))
-  for name, p in problems.items():
-    for solver, r in p["runs"].items():
-      print(f"{name:8s} {p['num_targets']:>6d}×{p['dim']:<5d} {solver:26s} {r['iterations']:7d} "
-            f"{r['seconds']:9.1f} {r['seconds_per_iteration']:8.4f} {r['total_variation']:7.4f} "
-            f"{p['target_total_variation']:7.4f} {str(r['reached_target']):>7s}")
-    if "time_ratio_reference_over_ott" not in p:
-      continue
-    print(f"{name:8s} time ratio reference/ott = {p['time_ratio_reference_over_ott']:.2f}, "
-          f"iteration ratio = {p['iteration_ratio_reference_over_ott']:.2f}"
-          + ("" if p["ratio_is_at_equal_accuracy"] else "  (not both at the target)"))
-  print(f"\nwrote {_OUT.value}")
+
+def _fmt_range(s: dict[str, float], fmt: str = ".2f") -> str:
+  return f"{s['median']:{fmt}} [{s['min']:{fmt}}, {s['max']:{fmt}}]"
+
+
+def markdown(result: dict[str, Any]) -> str:
+  """The sweep and result tables (markdown)."""
+  lines = []
+  for name, p in result["problems"].items():
+    lines += [f"### {name}: N = {p['num_targets']}, d = {p['dim']}, source "
+              f"{result['config']['source']}, judge S = {p['judge_samples']} "
+              f"(χ² noise ≈ {p['judge_noise']:.1e}), start χ² = {p['initial_chi2']:.3g}", "",
+              "Sweep (seed 0):", "",
+              "| solver | lr | iterations | seconds | χ² | reached |",
+              "|---|---|---|---|---|---|"]
+    for solver, s in p["solvers"].items():
+      for r in s["sweep"]:
+        status = "yes" if r["reached"] else ("abandoned" if r["abandoned"] else "no (cap)")
+        mark = " **(picked)**" if r["learning_rate"] == s["learning_rate"] else ""
+        lines.append(f"| {solver} | {r['learning_rate']:g}{mark} | {r['iterations']} | "
+                     f"{r['seconds']:.2f} | {r['chi2']:.2e} | {status} |")
+    lines += ["", f"Seeds 0–{len(p['solvers']['ott']['runs']) - 1} at the picked lr "
+              "(median [min, max]):", "",
+              "| solver | lr | iterations | seconds | samples drawn | χ² at stop | all reached |",
+              "|---|---|---|---|---|---|---|"]
+    for solver, s in p["solvers"].items():
+      runs = s["runs"]
+      lines.append(
+          f"| {solver} | {s['learning_rate']:g} | "
+          f"{_fmt_range(_summary([r['iterations'] for r in runs]), '.0f')} | "
+          f"{_fmt_range(_summary([r['seconds'] for r in runs]))} | "
+          f"{statistics.median(r['samples'] for r in runs):.3g} | "
+          f"{statistics.median(r['chi2'] for r in runs):.2e} | {s['all_reached']} |")
+    note = "" if p["ratio_is_at_equal_accuracy"] else " (not all runs reached the target)"
+    lines += ["", f"Reference / ott: time {_fmt_range(p['time_ratio_reference_over_ott'])}, "
+              f"iterations {_fmt_range(p['iteration_ratio_reference_over_ott'])}, "
+              f"samples {_fmt_range(p['sample_ratio_reference_over_ott'])}{note}", ""]
+  return "\n".join(lines)
+
+
+def main(argv) -> None:
+  import cli  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments {argv[1:]}; config overrides look like --config.KEY=VALUE.")
+  config = _CONFIG.value
+  start = time.perf_counter()
+  try:
+    result = run(config)
+  except ValueError as e:
+    cli.fail(str(e))
+  result["wall_seconds"] = time.perf_counter() - start
+  common.write_json(config.out, result)
+  print("\n" + markdown(result))
+  print(f"wall time {result['wall_seconds']:.0f} s; wrote {config.out}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from absl import app  # pylint: disable=g-import-not-at-top
+  import cli  # pylint: disable=g-import-not-at-top  # scripts/ is first on sys.path
+  _CONFIG = cli.define_config_flag(DEFAULT_CONFIG, "Path to a config file in configs/bench/.")
+  app.run(main, flags_parser=cli.flags_parser(DEFAULT_CONFIG))

@@ -23,79 +23,28 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Configs import each other (`from configs import digits_ddpm`), and the default config is
-# loaded when its flag is defined, just below: the repository root must be importable first.
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
+import cli  # scripts/cli.py: the config flag shared with the benchmarks
+
+_REPO = cli.REPO  # on sys.path: configs import each other (`from configs import digits_ddpm`)
 _DEFAULT_CONFIG = os.path.join(_REPO, "configs", "digits_dpmot.py")  # the offline default run
 
-# Without --config, ml_collections loads the default config and applies the overrides while
-# the flag is being defined, outside the error handling below; naming the default explicitly
-# defers both to flag parsing (`_parse_flags`).
-if not any(arg == "--config" or arg.startswith("--config=") for arg in sys.argv[1:]):
-  sys.argv.insert(1, f"--config={_DEFAULT_CONFIG}")
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Path to a config file in configs/.", lock_config=True)
+_CONFIG = cli.define_config_flag(_DEFAULT_CONFIG, "Path to a config file in configs/.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config name>).")
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of user errors.")
 
 # Errors a user can cause (bad config value, missing data or checkpoint): one clear message.
 _USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TypeError)
 
-
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _config_keys(config, prefix="") -> list[str]:
-  keys = []
-  for key, value in config.items():
-    if hasattr(value, "items"):
-      keys.extend(_config_keys(value, f"{prefix}{key}."))
-    else:
-      keys.append(f"{prefix}{key}")
-  return keys
+_fail = cli.fail
 
 
 def _config_path(argv: list[str]) -> str:
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      return arg.split("=", 1)[1]
-    if arg == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return _DEFAULT_CONFIG
+  return cli.config_path(argv, _DEFAULT_CONFIG)
 
 
-def _override_keys(argv: list[str]) -> list[str]:
-  """The dotted keys of the --config.KEY=VALUE (or --config.KEY VALUE) overrides in argv."""
-  return [arg[len("--config."):].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing that turns a bad config path, key or value into one message."""
-  path = _config_path(argv)
-  if not os.path.exists(path):
-    configs = sorted(f for f in os.listdir(os.path.join(_REPO, "configs")) if f.endswith(".py"))
-    _fail(f"config file {path!r} not found. Configs: {', '.join(configs)}")
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    # KeyErrors arrive as a repr inside the flag error; unquote them for a readable line.
-    text = str(e).replace("\\n", " ").replace("\\'", "").replace("\n", " ")
-    message = " ".join(text.strip("'\" ").split()) or type(e).__name__
-    try:
-      keys = _config_keys(config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
-          "config", path).get_config())
-      hint = f"\nValid keys of {os.path.basename(path)}: {', '.join(keys)}"
-    except Exception:  # pylint: disable=broad-except
-      hint = ""
-    _fail(f"bad config override ({message}){hint}")
-    raise  # unreachable
+_override_keys = cli.override_keys
+_parse_flags = cli.flags_parser(_DEFAULT_CONFIG)
 
 
 def _join_run(config) -> None:
