@@ -15,12 +15,13 @@ from ddpm_ot_jax.experiments import likelihood
 from ddpm_ot_jax.models import diffusers_import
 from ddpm_ot_jax.models import unet
 
-import experiment_case
-from likelihood_experiment_test import tiny_config
-from likelihood_experiment_test import without_exact
+import helpers
+
+tiny_config = helpers.tiny_likelihood_config
+without_exact = helpers.without_exact
 
 
-class ImportedModelTest(experiment_case.ExperimentRunCase):
+class ImportedModelTest(helpers.ExperimentRunCase):
 
   @classmethod
   def run_experiment(cls):

@@ -6,34 +6,15 @@ import os
 from absl.testing import absltest
 import numpy as np
 
-from configs import digits_likelihood
 from ddpm_ot_jax.experiments import likelihood
 
-import experiment_case
+import helpers
 
-TINY_MODEL = dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.1)
-
-
-def tiny_config():
-  """digits_likelihood with a tiny UNet trained 4 steps, 6 held-out digits in batches of 4,
-  loose ODE tolerances, the Gaussian exact case in d = 3 and small other cases."""
-  config = digits_likelihood.get_config()
-  config.model.update(TINY_MODEL)
-  config.training.update(dict(num_steps=4, batch_size=16, warmup_steps=2, log_every=2,
-                              checkpoint_every=4, sample_every=0))
-  config.likelihood.update(dict(max_images=6, batch_size=4))
-  config.likelihood.solver.update(dict(rtol=1e-3, atol=1e-3))
-  config.exact.update(dict(cases=("gaussian",), num_points=4, gaussian_dims=3, gmm_dims=2,
-                           gmm_components=2, grid_size=256, num_time_steps=16))
-  return config
+tiny_config = helpers.tiny_likelihood_config
+without_exact = helpers.without_exact
 
 
-def without_exact(config):
-  del config["exact"]
-  return config
-
-
-class DigitsLikelihoodTest(experiment_case.ExperimentRunCase):
+class DigitsLikelihoodTest(helpers.ExperimentRunCase):
 
   @classmethod
   def run_experiment(cls):

@@ -9,9 +9,9 @@ import textwrap
 from absl.testing import absltest
 
 from ddpm_ot_jax import config_base
-import experiment_case
+import helpers
 
-_main = experiment_case.run_main
+_main = helpers.run_main
 
 
 class MainTest(absltest.TestCase):
@@ -92,7 +92,7 @@ class ConfigFieldsTest(absltest.TestCase):
   def test_every_config_carries_only_fields_its_experiment_reads(self):
     """configs/*.py: no top-level field outside the experiment's CONFIG_FIELDS (and the
     shared experiment/seed/x64); a dead field would make its override a silent no-op."""
-    paths = sorted(glob.glob(os.path.join(experiment_case.ROOT, "configs", "*.py")))
+    paths = sorted(glob.glob(os.path.join(helpers.ROOT, "configs", "*.py")))
     checked = 0
     for path in paths:
       module = importlib.import_module(f"configs.{os.path.basename(path)[:-3]}")
