@@ -56,7 +56,7 @@ class ExactCasesTest(absltest.TestCase):
     likelihood_test.py)."""
     config = tiny_config()
     view = samplers.ContinuousTimeSchedule(sde.ConstantSchedule(2.0, config.exact.t_end))
-    with jax.enable_x64(True):
+    with helpers.float64():
       for i, case in enumerate(("perturbed_gaussian", "quartic_2d")):
         score, log_prob, x = likelihood.exact_case(case, jax.random.PRNGKey(i), config.exact,
                                                    view)

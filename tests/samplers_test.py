@@ -21,8 +21,6 @@ from ddpm_ot_jax import sde
 
 import helpers
 
-jax.config.update("jax_enable_x64", True)
-
 DS = sde.DiscreteSchedule()
 VIEW = samplers.noise_schedule(DS)
 TIGHT = flow.SolverOptions(rtol=1e-10, atol=1e-10)
@@ -94,7 +92,7 @@ def z_scores(x, mean, cov):
   return float(jnp.max(z_mean)), float(jnp.max(z_cov))
 
 
-class SamplerTestCase(absltest.TestCase):
+class SamplerTestCase(helpers.Float64TestCase):
 
   def counted(self, eps_fn: CountingEps, run, expected_nfe=None) -> samplers.SampleResult:
     """Runs `run()`; checks its reported NFE against eps_fn's executions (and expected_nfe)."""
