@@ -10,18 +10,16 @@ from ddpm_ot_jax.experiments import likelihood
 
 import helpers
 
-tiny_config = helpers.tiny_likelihood_config
-without_exact = helpers.without_exact
-
 
 class DigitsLikelihoodTest(helpers.ExperimentRunCase):
 
   @classmethod
   def run_experiment(cls):
-    cls.results = likelihood.run(tiny_config(), cls.workdir)
+    cls.results = likelihood.run(helpers.tiny_likelihood_config(), cls.workdir)
     cls.per_image = dict(np.load(os.path.join(cls.workdir, "bits_per_dim.npz")))
-    cls.rerun = likelihood.run(without_exact(tiny_config()), cls.workdir)
-    five = without_exact(tiny_config())
+    cls.rerun = likelihood.run(helpers.without_exact(helpers.tiny_likelihood_config()),
+                               cls.workdir)
+    five = helpers.without_exact(helpers.tiny_likelihood_config())
     five.likelihood.max_images = 5  # batches [0..3] and [4] (padded with copies of image 4)
     cls.five = likelihood.run(five, cls.workdir)
     cls.five_per_image = np.load(os.path.join(cls.workdir, "bits_per_dim.npz"))["bits_per_dim"]
@@ -70,7 +68,7 @@ class DigitsLikelihoodTest(helpers.ExperimentRunCase):
 
   def test_bad_settings_fail_before_any_work(self):
     """An unknown divergence is one ValueError naming the config key; nothing is trained."""
-    config = tiny_config()
+    config = helpers.tiny_likelihood_config()
     config.likelihood.divergence = "trace"
     workdir = os.path.join(self.workdir, "bad")
     with self.assertRaisesRegex(ValueError, "likelihood.divergence"):

@@ -18,9 +18,6 @@ import helpers
 SCHEDULE = sde.DiscreteSchedule()
 
 
-tiny_unet = helpers.tiny_unet
-
-
 def _oracle_apply(x0_point, loss_type):
   """A flax-apply stand-in that returns the exact noise when all data equal `x0_point`:
   ε = (x_t − α x0)/σ, with (α, σ) read off the network time the loss passes in."""
@@ -171,7 +168,7 @@ class TrainStepTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.model = tiny_unet()
+    cls.model = helpers.tiny_unet()
     cls.mesh = train.make_data_mesh(jax.devices()[:1])
     cls.hparams = train.TrainHparams(lr=3e-3, warmup_steps=5, ema_decay=0.9)
     tx = train.make_optimizer(cls.hparams)
