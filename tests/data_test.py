@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import tarfile
 import tempfile
 
@@ -12,6 +11,8 @@ import numpy as np
 from PIL import Image
 
 from ddpm_ot_jax import data
+
+import helpers
 
 
 def _tempdir(test: absltest.TestCase) -> str:
@@ -23,30 +24,6 @@ def _rows(dataset: data.ImageDataset) -> list[bytes]:
   """Each (image, label) pair as bytes, to compare datasets as multisets."""
   flat = dataset.images.reshape(len(dataset), -1)
   return sorted(f.tobytes() + np.int32(y).tobytes() for f, y in zip(flat, dataset.labels))
-
-
-def _write_cifar_batch(path: str, images: np.ndarray, labels: np.ndarray) -> None:
-  """A batch in the CIFAR-10 python format: rows = R, G, B planes of 32×32 uint8."""
-  rows = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
-  with open(path, "wb") as f:
-    pickle.dump({b"batch_label": b"fake", b"labels": [int(y) for y in labels],
-                 b"data": rows, b"filenames": [b"x.png"] * len(images)}, f, protocol=2)
-
-
-def fake_cifar(root: str, per_batch: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
-  """Writes data_batch_1..5 and test_batch of random pixels in the CIFAR-10 python format under
-  root/cifar-10-batches-py (every test that needs a CIFAR-10 folder uses this); returns the
-  uint8 arrays."""
-  rng = np.random.default_rng(seed)
-  folder = os.path.join(root, data.CIFAR10_FOLDER)
-  os.makedirs(folder, exist_ok=True)
-  written = {}
-  for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-    images = rng.integers(0, 256, size=(per_batch, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, size=per_batch)
-    _write_cifar_batch(os.path.join(folder, name), images, labels)
-    written[name] = (images, labels)
-  return written
 
 
 def _indexed_dataset(n: int, height: int = 2, width: int = 3) -> data.ImageDataset:
@@ -96,7 +73,7 @@ class Cifar10Test(absltest.TestCase):
 
   def test_roundtrip(self):
     """Pixels read back equal x/127.5 − 1 of what was written, in HWC order, with labels."""
-    written = fake_cifar(self.root)
+    written = helpers.fake_cifar(self.root)
     train = data.load_cifar10(self.root, "train")
     test = data.load_cifar10(self.root, "test")
     images = np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)])
@@ -123,7 +100,7 @@ class Cifar10Test(absltest.TestCase):
 
   def test_missing_and_corrupt_batch(self):
     """A missing batch file is FileNotFoundError; a garbled one is ValueError naming it."""
-    fake_cifar(self.root)
+    helpers.fake_cifar(self.root)
     folder = os.path.join(self.root, data.CIFAR10_FOLDER)
     os.remove(os.path.join(folder, "data_batch_3"))
     with self.assertRaisesRegex(FileNotFoundError, "data_batch_3"):
@@ -138,7 +115,7 @@ class Cifar10Test(absltest.TestCase):
   def test_extract_checks_md5(self):
     """extract_cifar10 rejects an archive with the wrong md5 and installs a right one."""
     source = _tempdir(self)
-    fake_cifar(source)
+    helpers.fake_cifar(source)
     archive = os.path.join(source, "cifar-10-python.tar.gz")
     with tarfile.open(archive, "w:gz") as tar:
       tar.add(os.path.join(source, data.CIFAR10_FOLDER), arcname=data.CIFAR10_FOLDER)
@@ -229,7 +206,7 @@ class CheckDatasetTest(absltest.TestCase):
         data.check_dataset(*case)
       self.assertEqual(str(checking.exception), str(loading.exception), case)
     self.assertIsNone(data.check_dataset("digits", "heldout"))
-    fake_cifar(root)
+    helpers.fake_cifar(root)
     self.assertIsNone(data.check_dataset("cifar10", "test", root))
     bad = os.path.join(root, "train", "cls", "bad.png")
     os.makedirs(os.path.dirname(bad))

@@ -6,10 +6,10 @@ import numpy as np
 
 from ddpm_ot_jax import densities
 
-jax.config.update("jax_enable_x64", True)
+import helpers
 
 
-class QuarticMixtureTest(absltest.TestCase):
+class QuarticMixtureTest(helpers.Float64TestCase):
 
   @classmethod
   def setUpClass(cls):
@@ -106,7 +106,7 @@ class QuarticMixtureTest(absltest.TestCase):
 
 
 
-class PerturbedGaussianTest(absltest.TestCase):
+class PerturbedGaussianTest(helpers.Float64TestCase):
 
   def setUp(self):
     super().setUp()

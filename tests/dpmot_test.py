@@ -25,27 +25,11 @@ from ddpm_ot_jax.experiments import stages
 from ddpm_ot_jax.models import diffusers_import
 from ddpm_ot_jax.models import unet
 
-import data_test
 import fake_weights
-import experiment_case
+import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), norm_groups=4)
-NUM_TARGETS = 48
-
-
-def tiny(config):
-  """Tiny model, training, OT and evaluation sizes on top of a DPM-OT config."""
-  config.model.update(TINY_MODEL)
-  config.training.update(dict(num_steps=0, batch_size=8, warmup_steps=1, log_every=1,
-                              checkpoint_every=1, sample_every=0))  # the random init
-  config.dpmot.target_split = f"train[:{NUM_TARGETS}]"
-  config.dpmot.ot.update(dict(num_iterations=100, batch_size=128, error_eval_every=50,
-                              check_samples=2000, error_batch_size=512))
-  config.evaluation.update(dict(methods=("ddim_10", "dpm_ot_10"), num_samples=24, num_draws=2,
-                                batch_size=24, tuning_num_samples=24, classifier_steps=20))
-  config.evaluation.spacings = dict(ddim_10="time_uniform")
-  return config
+NUM_TARGETS = helpers.DPMOT_NUM_TARGETS
 
 
 def _mtimes(pattern: str) -> dict[str, int]:
@@ -61,13 +45,13 @@ def _assert_numbers(test: absltest.TestCase, results: dict) -> None:
       test.assertNotIsInstance(v, bool, key)
 
 
-class DigitsRunTest(experiment_case.ExperimentRunCase):
+class DigitsRunTest(helpers.ExperimentRunCase):
   """One tiny digits run shared by the tests below (reruns go to the same workdir, so the
   first run's sample files are recorded here, before any test adds more)."""
 
   @classmethod
   def run_experiment(cls):
-    cls.config = tiny(digits_dpmot.get_config())
+    cls.config = helpers.tiny_dpmot(digits_dpmot.get_config())
     cls.results = dpmot.run(cls.config, cls.workdir)
     cls.sample_files = {
         method: sorted(glob.glob(os.path.join(cls.workdir, f"samples-{method}-*.npz")))
@@ -154,11 +138,11 @@ class DigitsRunTest(experiment_case.ExperimentRunCase):
     pattern = os.path.join(self.workdir, "samples-*.npz")
     before = _mtimes(pattern)
     self.assertLen(before, 4)  # 2 methods × 2 draws
-    again = dpmot.run(tiny(digits_dpmot.get_config()), self.workdir)
+    again = dpmot.run(helpers.tiny_dpmot(digits_dpmot.get_config()), self.workdir)
     self.assertEqual(_mtimes(pattern), before)
     self.assertEqual(again["fid_dpm_ot_10_draws"], self.results["fid_dpm_ot_10_draws"])
 
-    config = tiny(digits_dpmot.get_config())
+    config = helpers.tiny_dpmot(digits_dpmot.get_config())
     config.evaluation.batch_size = 12
     changed = dpmot.run(config, self.workdir)
     after = _mtimes(pattern)
@@ -168,11 +152,11 @@ class DigitsRunTest(experiment_case.ExperimentRunCase):
     self.assertLen(glob.glob(os.path.join(self.workdir, "ot-*")), 1)
 
 
-class SpacingTuningTest(experiment_case.ExperimentRunCase):
+class SpacingTuningTest(helpers.ExperimentRunCase):
 
   @classmethod
   def run_experiment(cls):
-    cls.config = tiny(digits_dpmot.get_config())
+    cls.config = helpers.tiny_dpmot(digits_dpmot.get_config())
     cls.config.evaluation.methods = ("ddim_5",)
     cls.config.evaluation.spacings = {}
     cls.results = dpmot.run(cls.config, cls.workdir)
@@ -194,9 +178,7 @@ class DpmOtSamplerTest(absltest.TestCase):
     equals the algorithm written out here: per chunk k, (key_z, key_run) = split(fold_in(key,
     k)), z ~ N(0, I) from key_z, j(z) = argmax_j g_j − ‖z − x_M^j‖² (dense), x_M = x_M^{j(z)},
     then samplers.ddim from index M with key_run; images clipped to [−1, 1]."""
-    import train_ddpm_test  # pylint: disable=g-import-not-at-top
-
-    model, params = train_ddpm_test._noisy_tiny_unet()
+    model, params = helpers.noisy_tiny_unet()
     view = dpmot.samplers.noise_schedule(dpmot.trainer.schedule_from_config(
         digits_dpmot.get_config()))
     network = dpmot.samplers.Network(model, params, view)
@@ -246,7 +228,7 @@ class ParseMethodTest(absltest.TestCase):
                            "dpm_ot_50"),
                           (lambda c: setattr(c.evaluation, "reference_split", c.dpmot.target_split),
                            "targets and reference")):
-      config = tiny(digits_dpmot.get_config())
+      config = helpers.tiny_dpmot(digits_dpmot.get_config())
       edit(config)
       with tempfile.TemporaryDirectory() as workdir:
         with self.assertRaisesRegex(ValueError, pattern):
@@ -263,14 +245,14 @@ class Cifar10FlagshipTest(absltest.TestCase):
     stage); Inception FID/KID for every row, NFE 10, no classifier keys (no NaN placeholder);
     the weights' fingerprint tells two imported models apart."""
     with tempfile.TemporaryDirectory() as tmp:
-      data_test.fake_cifar(tmp, per_batch=8)
+      helpers.fake_cifar(tmp, per_batch=8)
       weights = os.path.join(tmp, "fid.pth")
       fake_weights.write_fake_fid_weights(weights)
       folders = [os.path.join(tmp, name) for name in ("ddpm-a", "ddpm-b")]
       for folder in folders:
         os.makedirs(folder)
         open(os.path.join(folder, diffusers_import.WEIGHTS_NAME), "wb").close()
-      config = tiny(cifar10_dpmot.get_config())
+      config = helpers.tiny_dpmot(cifar10_dpmot.get_config())
       config.data.root = tmp
       config.dpmot.target_split = "test[:4]"
       config.training.update(dict(num_steps=50, init_from_diffusers=folders[0]))
@@ -312,7 +294,7 @@ class MissingInputsTest(absltest.TestCase):
       missing_data = os.path.join(tmp, "no-cifar")
       missing_weights = os.path.join(tmp, "no-weights.pth")
       workdir = os.path.join(tmp, "run")
-      proc = experiment_case.run_main(
+      proc = helpers.run_main(
           "--config=" + os.path.join(ROOT, "configs", "cifar10_dpmot.py"),
           f"--config.data.root={missing_data}",
           f"--config.evaluation.inception_weights={missing_weights}", f"--workdir={workdir}",

@@ -11,12 +11,12 @@ from ddpm_ot_jax import gmm
 from ddpm_ot_jax import ot
 from ddpm_ot_jax import sde
 
-jax.config.update("jax_enable_x64", True)
+import helpers
 
 TIGHT = flow.SolverOptions(rtol=1e-9, atol=1e-9)
 
 
-class FlowTest(parameterized.TestCase):
+class FlowTest(helpers.Float64ParameterizedTestCase):
 
   def setUp(self):
     super().setUp()

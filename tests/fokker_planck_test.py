@@ -9,7 +9,7 @@ from ddpm_ot_jax import fokker_planck
 from ddpm_ot_jax import gmm
 from ddpm_ot_jax import sde
 
-jax.config.update("jax_enable_x64", True)
+import helpers
 
 SCHEDULE = sde.ConstantSchedule(2.0, 8.0)
 # Small grids keep the test fast; the defaults are 1024 / 256 / 128.
@@ -38,7 +38,7 @@ def _max_relative_score_error(score_a, score_b):
   return float(err.max() / jnp.sqrt(jnp.mean(jnp.sum(score_b**2, axis=1))))
 
 
-class FokkerPlanckTest(absltest.TestCase):
+class FokkerPlanckTest(helpers.Float64TestCase):
 
   @classmethod
   def setUpClass(cls):

@@ -9,10 +9,10 @@ import scipy.integrate
 from ddpm_ot_jax import gaussian
 from ddpm_ot_jax import sde
 
-jax.config.update("jax_enable_x64", True)
+import helpers
 
 
-class GaussianTest(absltest.TestCase):
+class GaussianTest(helpers.Float64TestCase):
 
   def setUp(self):
     super().setUp()

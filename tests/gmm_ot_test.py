@@ -14,7 +14,7 @@ from ddpm_ot_jax import ot
 from ddpm_ot_jax import sde
 from ddpm_ot_jax.experiments import gmm_ot
 
-jax.config.update("jax_enable_x64", True)
+import helpers
 
 
 def small_config():
@@ -26,7 +26,7 @@ def small_config():
   return config
 
 
-class GMMOTExperimentTest(absltest.TestCase):
+class GMMOTExperimentTest(helpers.Float64TestCase):
 
   def test_small_run(self):
     """Two 2-D mixtures, n ∈ {60, 120}, started in float32 (run() must switch to float64 itself):
@@ -37,8 +37,7 @@ class GMMOTExperimentTest(absltest.TestCase):
     of one point), the Gaussian control is at round-off below it, and the mixtures' Jacobians
     are asymmetric far above the floor (Lavenant & Santambrogio 2022)."""
     config = small_config()
-    jax.config.update("jax_enable_x64", False)
-    self.addCleanup(jax.config.update, "jax_enable_x64", True)
+    self.enterContext(helpers.float64(False))  # restored to the class's float64 after the test
     with tempfile.TemporaryDirectory() as workdir:
       results = gmm_ot.run(config, workdir)
       arrays = dict(np.load(os.path.join(workdir, "arrays.npz")))

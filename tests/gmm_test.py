@@ -8,7 +8,7 @@ from ddpm_ot_jax import gaussian
 from ddpm_ot_jax import gmm
 from ddpm_ot_jax import sde
 
-jax.config.update("jax_enable_x64", True)
+import helpers
 
 
 def _moments(mixture):
@@ -17,7 +17,7 @@ def _moments(mixture):
   return mean, second - jnp.outer(mean, mean)
 
 
-class GMMTest(absltest.TestCase):
+class GMMTest(helpers.Float64TestCase):
 
   def setUp(self):
     super().setUp()

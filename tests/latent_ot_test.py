@@ -15,28 +15,14 @@ from ddpm_ot_jax import model_sources
 from ddpm_ot_jax import ot
 from ddpm_ot_jax.experiments import latent_ot
 
-import data_test
-import experiment_case
+import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KS = (8, 16)
 
 
-def tiny_model(config):
-  """A UNet that compiles and runs in seconds (the numbers are not the point here)."""
-  config.model.ch = 8
-  config.model.ch_mult = (1,)
-  config.model.attn_resolutions = ()
-  config.training.num_steps = 2
-  config.training.batch_size = 16
-  config.training.warmup_steps = 1
-  config.training.log_every = 1
-  config.training.checkpoint_every = 2
-  return config
-
-
 def tiny_config():
-  config = tiny_model(digits_latent_ot.get_config())
+  config = helpers.tiny_latent_ot_models(digits_latent_ot.get_config())
   config.latent_ot.num_images = KS + (400,)  # 400 > the 300 held-out digits: skipped
   config.latent_ot.ddim_steps = 4
   config.latent_ot.ode_rtol = 1e-3
@@ -45,7 +31,7 @@ def tiny_config():
   return config
 
 
-class LatentOtRunTest(experiment_case.ExperimentRunCase):
+class LatentOtRunTest(helpers.ExperimentRunCase):
   """One tiny run of `latent_ot.run` shared by the tests below."""
 
   @classmethod
@@ -176,7 +162,7 @@ class PaperScaleErrorsTest(absltest.TestCase):
     the folder it looked in, no traceback."""
     missing = os.path.join(tempfile.gettempdir(), "no-cifar-here-7f3a")
     with tempfile.TemporaryDirectory() as workdir:
-      proc = experiment_case.run_main(
+      proc = helpers.run_main(
           "--config=" + os.path.join(ROOT, "configs", "cifar10_latent_ot.py"),
           f"--config.data.root={missing}", f"--workdir={workdir}", timeout=120)
     self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
@@ -187,7 +173,7 @@ class PaperScaleErrorsTest(absltest.TestCase):
     """With the (fake) CIFAR-10 test batch present but no diffusers weights, the run stops
     with FileNotFoundError naming the weights path, before any training."""
     with tempfile.TemporaryDirectory() as tmp:
-      data_test.fake_cifar(tmp, per_batch=12)  # ≥ the 5 test images asked for
+      helpers.fake_cifar(tmp, per_batch=12)  # ≥ the 5 test images asked for
       config = cifar10_latent_ot.get_config()
       config.data.root = tmp
       config.latent_ot.num_images = (5,)

@@ -15,12 +15,10 @@ from ddpm_ot_jax.experiments import likelihood
 from ddpm_ot_jax.models import diffusers_import
 from ddpm_ot_jax.models import unet
 
-import experiment_case
-from likelihood_experiment_test import tiny_config
-from likelihood_experiment_test import without_exact
+import helpers
 
 
-class ImportedModelTest(experiment_case.ExperimentRunCase):
+class ImportedModelTest(helpers.ExperimentRunCase):
 
   @classmethod
   def run_experiment(cls):
@@ -29,7 +27,7 @@ class ImportedModelTest(experiment_case.ExperimentRunCase):
   def test_imported_model_is_used_as_it_is(self):
     """training.init_from_diffusers: the loader's network is evaluated without training (no
     model-<fingerprint> folder for it), train_steps 0, imported_weights 1."""
-    config = without_exact(tiny_config())
+    config = helpers.without_exact(helpers.tiny_likelihood_config())
     config.likelihood.max_images = 4
     config.training.init_from_diffusers = "/nowhere/ddpm-digits"
     model = unet.unet_from_config(config.model)
@@ -53,9 +51,9 @@ class ExactCasesTest(absltest.TestCase):
     score handed to the ODE (256² base grid, 16 time levels) is the gradient of the closed-form
     log density it is compared with, to 1e-3 (the Gaussian and mixture scores are exact:
     likelihood_test.py)."""
-    config = tiny_config()
+    config = helpers.tiny_likelihood_config()
     view = samplers.ContinuousTimeSchedule(sde.ConstantSchedule(2.0, config.exact.t_end))
-    with jax.enable_x64(True):
+    with helpers.float64():
       for i, case in enumerate(("perturbed_gaussian", "quartic_2d")):
         score, log_prob, x = likelihood.exact_case(case, jax.random.PRNGKey(i), config.exact,
                                                    view)

@@ -7,10 +7,9 @@ import tempfile
 from absl.testing import absltest
 import numpy as np
 
-import data_test
-import experiment_case
+import helpers
 
-ROOT = experiment_case.ROOT
+ROOT = helpers.ROOT
 
 
 class CifarLikelihoodTest(absltest.TestCase):
@@ -21,13 +20,12 @@ class CifarLikelihoodTest(absltest.TestCase):
     batch, results.json with finite bits_per_dim, bits_per_dim_stderr and nfe_mean, 3072
     dims, 256 levels, num_devices 4, and one value per test image."""
     with tempfile.TemporaryDirectory() as tmp:
-      data_test.fake_cifar(tmp, per_batch=6)
+      helpers.fake_cifar(tmp, per_batch=6)
       workdir = os.path.join(tmp, "run")
-      proc = experiment_case.run_on_cpu_devices(
+      proc = helpers.run_on_cpu_devices(
           os.path.join(ROOT, "scripts", "main.py"),
           "--config=" + os.path.join(ROOT, "configs", "cifar10_likelihood.py"),
-          f"--config.data.root={tmp}", "--config.model.ch=8", "--config.model.ch_mult=(1,)",
-          "--config.model.num_res_blocks=1", "--config.model.attn_resolutions=()",
+          f"--config.data.root={tmp}", *helpers.tiny_model_flags(omit=("norm_groups",)),
           "--config.training.num_steps=2", "--config.training.batch_size=4",
           "--config.training.warmup_steps=1", "--config.training.log_every=1",
           "--config.training.checkpoint_every=2", "--config.training.sample_every=0",

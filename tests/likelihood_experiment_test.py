@@ -6,41 +6,20 @@ import os
 from absl.testing import absltest
 import numpy as np
 
-from configs import digits_likelihood
 from ddpm_ot_jax.experiments import likelihood
 
-import experiment_case
-
-TINY_MODEL = dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.1)
+import helpers
 
 
-def tiny_config():
-  """digits_likelihood with a tiny UNet trained 4 steps, 6 held-out digits in batches of 4,
-  loose ODE tolerances, the Gaussian exact case in d = 3 and small other cases."""
-  config = digits_likelihood.get_config()
-  config.model.update(TINY_MODEL)
-  config.training.update(dict(num_steps=4, batch_size=16, warmup_steps=2, log_every=2,
-                              checkpoint_every=4, sample_every=0))
-  config.likelihood.update(dict(max_images=6, batch_size=4))
-  config.likelihood.solver.update(dict(rtol=1e-3, atol=1e-3))
-  config.exact.update(dict(cases=("gaussian",), num_points=4, gaussian_dims=3, gmm_dims=2,
-                           gmm_components=2, grid_size=256, num_time_steps=16))
-  return config
-
-
-def without_exact(config):
-  del config["exact"]
-  return config
-
-
-class DigitsLikelihoodTest(experiment_case.ExperimentRunCase):
+class DigitsLikelihoodTest(helpers.ExperimentRunCase):
 
   @classmethod
   def run_experiment(cls):
-    cls.results = likelihood.run(tiny_config(), cls.workdir)
+    cls.results = likelihood.run(helpers.tiny_likelihood_config(), cls.workdir)
     cls.per_image = dict(np.load(os.path.join(cls.workdir, "bits_per_dim.npz")))
-    cls.rerun = likelihood.run(without_exact(tiny_config()), cls.workdir)
-    five = without_exact(tiny_config())
+    cls.rerun = likelihood.run(helpers.without_exact(helpers.tiny_likelihood_config()),
+                               cls.workdir)
+    five = helpers.without_exact(helpers.tiny_likelihood_config())
     five.likelihood.max_images = 5  # batches [0..3] and [4] (padded with copies of image 4)
     cls.five = likelihood.run(five, cls.workdir)
     cls.five_per_image = np.load(os.path.join(cls.workdir, "bits_per_dim.npz"))["bits_per_dim"]
@@ -89,7 +68,7 @@ class DigitsLikelihoodTest(experiment_case.ExperimentRunCase):
 
   def test_bad_settings_fail_before_any_work(self):
     """An unknown divergence is one ValueError naming the config key; nothing is trained."""
-    config = tiny_config()
+    config = helpers.tiny_likelihood_config()
     config.likelihood.divergence = "trace"
     workdir = os.path.join(self.workdir, "bad")
     with self.assertRaisesRegex(ValueError, "likelihood.divergence"):

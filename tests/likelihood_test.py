@@ -18,7 +18,8 @@ from ddpm_ot_jax import gaussian
 from ddpm_ot_jax import gmm
 from ddpm_ot_jax import samplers
 from ddpm_ot_jax import sde
-from ddpm_ot_jax.experiments import common
+
+import helpers
 
 T_END = 16.0  # OU time: the prior N(0, I) is off by O(e^{-16}) ≈ 1e-7
 T_START = 1e-10  # the data are the state at t_start: log p moves by O(t_start)
@@ -36,22 +37,7 @@ def _gaussian_points(key, dims: int, n: int):
   return mean, cov, x
 
 
-class Float64Case(parameterized.TestCase):
-  """float64 on for the class, restored after it."""
-
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls._x64 = jax.config.jax_enable_x64
-    common.set_precision(True)
-
-  @classmethod
-  def tearDownClass(cls):
-    common.set_precision(cls._x64)
-    super().tearDownClass()
-
-
-class ExactDensityTest(Float64Case):
+class ExactDensityTest(helpers.Float64ParameterizedTestCase):
 
   @parameterized.parameters(2, 40)
   def test_gaussian_closed_form(self, dims):
@@ -114,7 +100,7 @@ class ExactDensityTest(Float64Case):
     np.testing.assert_allclose(result.log_prob + gap, exact, rtol=0, atol=1e-5)
 
 
-class HutchinsonTest(Float64Case):
+class HutchinsonTest(helpers.Float64ParameterizedTestCase):
 
   @parameterized.parameters(("rademacher", 1), ("gaussian", 2))
   def test_unbiased(self, probe, num_probes):

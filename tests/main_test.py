@@ -9,9 +9,9 @@ import textwrap
 from absl.testing import absltest
 
 from ddpm_ot_jax import config_base
-import experiment_case
+import helpers
 
-_main = experiment_case.run_main
+_main = helpers.run_main
 
 
 class MainTest(absltest.TestCase):
@@ -92,7 +92,7 @@ class ConfigFieldsTest(absltest.TestCase):
   def test_every_config_carries_only_fields_its_experiment_reads(self):
     """configs/*.py: no top-level field outside the experiment's CONFIG_FIELDS (and the
     shared experiment/seed/x64); a dead field would make its override a silent no-op."""
-    paths = sorted(glob.glob(os.path.join(experiment_case.ROOT, "configs", "*.py")))
+    paths = sorted(glob.glob(os.path.join(helpers.ROOT, "configs", "*.py")))
     checked = 0
     for path in paths:
       module = importlib.import_module(f"configs.{os.path.basename(path)[:-3]}")
@@ -109,7 +109,7 @@ class ConfigFieldsTest(absltest.TestCase):
     so their configs carry no training.init_from_diffusers (an override of it would be a
     silent no-op); the experiments that do read it (train_ddpm, dpmot, likelihood) keep it."""
     readers = {"train_ddpm", "dpmot", "likelihood"}
-    for path in sorted(glob.glob(os.path.join(experiment_case.ROOT, "configs", "*.py"))):
+    for path in sorted(glob.glob(os.path.join(helpers.ROOT, "configs", "*.py"))):
       module = importlib.import_module(f"configs.{os.path.basename(path)[:-3]}")
       if not hasattr(module, "get_config"):
         continue

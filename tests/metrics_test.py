@@ -10,6 +10,8 @@ import jax
 from ddpm_ot_jax import gaussian
 from ddpm_ot_jax import metrics
 
+import helpers
+
 
 def _brute_precision_recall(real, fake, k):
   """Kynkäänniemi et al. 2019 with full distance matrices (independent reference)."""
@@ -27,14 +29,10 @@ class FrechetTest(absltest.TestCase):
 
   def test_matches_w2_closed_form_for_random_gaussians(self):
     """frechet_distance (scipy sqrtm of Σ1Σ2) = W2² by the symmetric form of gaussian.py."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
+    with helpers.float64():
       m1, s1 = gaussian.random_gaussian(jax.random.key(0), 6)
       m2, s2 = gaussian.random_gaussian(jax.random.key(1), 6)
       expected = float(gaussian.w2_squared(m1, s1, m2, s2))
-    finally:
-      jax.config.update("jax_enable_x64", previous)
     got = metrics.frechet_distance(np.asarray(m1), np.asarray(s1), np.asarray(m2), np.asarray(s2))
     self.assertAlmostEqual(got, expected, delta=1e-8 * expected)
 

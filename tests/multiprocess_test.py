@@ -17,6 +17,7 @@ import tempfile
 from absl.testing import absltest
 import numpy as np
 
+import helpers
 import multiprocess_helpers
 
 ROOT = multiprocess_helpers.ROOT
@@ -34,8 +35,6 @@ def _train_reference(checkpoint_dir: str, out: str) -> None:
   from ddpm_ot_jax import data  # pylint: disable=g-import-not-at-top
   from ddpm_ot_jax import trainer  # pylint: disable=g-import-not-at-top
   import multiprocess_dpmot_config  # pylint: disable=g-import-not-at-top
-  import train_multidevice_test  # pylint: disable=g-import-not-at-top
-
   config = multiprocess_dpmot_config.get_config()
   result = trainer.train_ddpm(config, os.path.join(os.path.dirname(out), "reference"),
                               data.load_dataset(config.data.name, "train"))
@@ -43,7 +42,7 @@ def _train_reference(checkpoint_dir: str, out: str) -> None:
     two = ckpt.restore(result.state, config.training.num_steps)
   arrays = {"devices": np.int32(jax.device_count()), "final_loss": np.float32(result.final_loss)}
   for name, state in (("one", result.state), ("two", two)):
-    for field, leaves in train_multidevice_test.state_leaves(state).items():
+    for field, leaves in helpers.state_leaves(state).items():
       arrays.update({f"{name}/{field}/{i}": leaf for i, leaf in enumerate(leaves)})
   np.savez(out, **arrays)
 
@@ -54,12 +53,10 @@ def _load(path: str) -> dict[str, np.ndarray]:
 
 
 def _state(arrays: dict[str, np.ndarray], name: str) -> dict[str, list[np.ndarray]]:
-  """`train_multidevice_test.state_leaves` of the state saved as `name` by _train_reference."""
-  import train_multidevice_test  # pylint: disable=g-import-not-at-top
-
+  """`helpers.state_leaves` of the state saved as `name` by _train_reference."""
   return {field: [arrays[f"{name}/{field}/{i}"]
                   for i in range(sum(k.startswith(f"{name}/{field}/") for k in arrays))]
-          for field in train_multidevice_test.STATE_FIELDS}
+          for field in helpers.STATE_FIELDS}
 
 
 class TwoProcessDpmotTest(absltest.TestCase):
@@ -71,7 +68,7 @@ class TwoProcessDpmotTest(absltest.TestCase):
 
     (a) training: the 2-process parameters, EMA and Adam state equal those of the same
         training in one process with 4 devices to float32 round-off
-        (`train_multidevice_test.assert_states_close`: gloo sums across processes in another
+        (`helpers.assert_states_close`: gloo sums across processes in another
         order); metrics.jsonl holds each step once (process 0 writes it);
     (b) the sharded assignment: every DPM-OT sample's target j(z) (46 targets split over the
         4 devices of 2 processes, the last shard padded) is the 1-process one exactly;
@@ -82,7 +79,6 @@ class TwoProcessDpmotTest(absltest.TestCase):
     (e) process 0 alone logs, prints and writes (no stray temporary files); all exit 0.
     """
     import multiprocess_dpmot_config  # pylint: disable=g-import-not-at-top
-    import train_multidevice_test  # pylint: disable=g-import-not-at-top
     from ddpm_ot_jax import checkpoints  # pylint: disable=g-import-not-at-top
     from ddpm_ot_jax.experiments import dpmot  # pylint: disable=g-import-not-at-top
 
@@ -109,7 +105,7 @@ class TwoProcessDpmotTest(absltest.TestCase):
     with self.subTest("training"):
       trained = _load(os.path.join(root, "train.npz"))
       self.assertEqual(int(trained["devices"]), 4)
-      train_multidevice_test.assert_states_close(
+      helpers.assert_states_close(
           _state(trained, "two"), _state(trained, "one"),
           multiprocess_dpmot_config.get_config().training.lr)
       self.assertIn("Training UNet steps 0 → 2, batch 8 on 4 device(s)", chief.stderr)

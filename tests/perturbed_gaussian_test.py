@@ -2,12 +2,11 @@
 import tempfile
 
 from absl.testing import absltest
-import jax
 
 from configs import perturbed_gaussian as perturbed_gaussian_config
 from ddpm_ot_jax.experiments import perturbed_gaussian
 
-jax.config.update("jax_enable_x64", True)
+import helpers
 
 
 def tiny_config():
@@ -24,7 +23,7 @@ def tiny_config():
   return config
 
 
-class PerturbedGaussianTest(absltest.TestCase):
+class PerturbedGaussianTest(helpers.Float64TestCase):
 
   def test_tiny_run(self):
     """ε = 0: E = ∇u = id to ~1e-9 (the floor); ε = 0.3: E differs from ∇u far above the floor

@@ -19,9 +19,7 @@ from ddpm_ot_jax import gmm
 from ddpm_ot_jax import samplers
 from ddpm_ot_jax import sde
 
-import experiment_case
-
-jax.config.update("jax_enable_x64", True)
+import helpers
 
 DS = sde.DiscreteSchedule()
 VIEW = samplers.noise_schedule(DS)
@@ -94,7 +92,7 @@ def z_scores(x, mean, cov):
   return float(jnp.max(z_mean)), float(jnp.max(z_cov))
 
 
-class SamplerTestCase(absltest.TestCase):
+class SamplerTestCase(helpers.Float64TestCase):
 
   def counted(self, eps_fn: CountingEps, run, expected_nfe=None) -> samplers.SampleResult:
     """Runs `run()`; checks its reported NFE against eps_fn's executions (and expected_nfe)."""
@@ -590,7 +588,7 @@ class ShardedTest(absltest.TestCase):
   def test_sharded_batch_matches_single_device(self):
     """On 4 virtual CPU devices a batch sharded along its axis gives the same DDIM and DDPM
     samples (same noise) as on one device, and stays sharded."""
-    proc = experiment_case.run_on_cpu_devices("-c", _SHARDED_SCRIPT)
+    proc = helpers.run_on_cpu_devices("-c", _SHARDED_SCRIPT)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertIn("OK", proc.stdout)
 

@@ -8,7 +8,7 @@ import scipy.integrate
 
 from ddpm_ot_jax import sde
 
-jax.config.update("jax_enable_x64", True)
+import helpers
 
 SCHEDULES = {
     "linear": sde.LinearSchedule(),
@@ -17,7 +17,7 @@ SCHEDULES = {
 }
 
 
-class ScheduleTest(parameterized.TestCase):
+class ScheduleTest(helpers.Float64ParameterizedTestCase):
 
   @parameterized.named_parameters(*[(k, v) for k, v in SCHEDULES.items()])
   def test_beta_is_derivative_of_integral(self, schedule):

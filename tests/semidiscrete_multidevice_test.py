@@ -14,7 +14,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-import experiment_case
+import helpers
 
 
 class ShardedAssignTest(absltest.TestCase):
@@ -22,7 +22,7 @@ class ShardedAssignTest(absltest.TestCase):
   def test_sharded_equals_single_device(self):
     """Targets split over 4 (and 2) devices, N not divisible by 4: same indices as `assign`."""
     if jax.device_count() < 4:
-      proc = experiment_case.run_on_cpu_devices(os.path.abspath(__file__))
+      proc = helpers.run_on_cpu_devices(os.path.abspath(__file__))
       self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
       self.assertIn("OK", proc.stderr)
       return

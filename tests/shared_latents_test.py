@@ -11,15 +11,14 @@ from configs import digits_shared_latents
 from ddpm_ot_jax import model_sources
 from ddpm_ot_jax.experiments import shared_latents
 
-import experiment_case
-import latent_ot_test
+import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = (0, 1, 2)
 
 
 def tiny_config():
-  config = latent_ot_test.tiny_model(digits_shared_latents.get_config())
+  config = helpers.tiny_latent_ot_models(digits_shared_latents.get_config())
   # No training step (latent_ot_test covers training and resuming): the zero-initialised
   # output layer makes every DDPM decode z to the same image, which the tests do not mind.
   config.training.num_steps = 0
@@ -58,7 +57,7 @@ class PairStatisticsTest(absltest.TestCase):
     self.assertLess(stats["nn_match_fraction"], 0.05)
 
 
-class SharedLatentsRunTest(experiment_case.ExperimentRunCase):
+class SharedLatentsRunTest(helpers.ExperimentRunCase):
 
   @classmethod
   def run_experiment(cls):
@@ -119,7 +118,7 @@ class PaperScaleErrorsTest(absltest.TestCase):
     the folder it looked for, no traceback."""
     missing = os.path.join(tempfile.gettempdir(), "no-afhq-here-7f3a")
     with tempfile.TemporaryDirectory() as workdir:
-      proc = experiment_case.run_main(
+      proc = helpers.run_main(
           "--config=" + os.path.join(ROOT, "configs", "afhq_shared_latents.py"),
           f"--config.data.root={missing}", f"--workdir={workdir}", timeout=120)
     self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])

@@ -4,13 +4,12 @@ import os
 import tempfile
 
 from absl.testing import absltest
-import jax
 import numpy as np
 
 from configs import synthetic_2d as synthetic_2d_config
 from ddpm_ot_jax.experiments import synthetic_2d
 
-jax.config.update("jax_enable_x64", True)
+import helpers
 
 
 def tiny_config():
@@ -30,7 +29,7 @@ def tiny_config():
   return config
 
 
-class Synthetic2DTest(absltest.TestCase):
+class Synthetic2DTest(helpers.Float64TestCase):
 
   def test_tiny_run(self):
     """run() returns the issue's keys with one entry per density, sane values, and writes

@@ -13,7 +13,6 @@ from unittest import mock
 
 from absl.testing import absltest
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from configs import cifar10_ddpm
@@ -26,19 +25,15 @@ from ddpm_ot_jax import trainer
 from ddpm_ot_jax.experiments import common
 from ddpm_ot_jax.experiments import train_ddpm
 from ddpm_ot_jax.models import diffusers_import
-from ddpm_ot_jax.models import unet
 
-import data_test
-import experiment_case
+import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.1,
-                  norm_groups=4)
 
 
 def tiny_digits_config(num_steps: int = 6):
   config = digits_ddpm.get_config()
-  config.model.update(TINY_MODEL)
+  helpers.tiny_model(config)
   config.training.update(dict(num_steps=num_steps, batch_size=16, warmup_steps=2,
                               log_every=2, checkpoint_every=3, sample_every=0))
   config.sampling.update(dict(num_steps=3, num_samples=16, batch_size=8, grid_size=16))
@@ -231,7 +226,7 @@ class TrainLoopTest(absltest.TestCase):
   def test_init_from_diffusers_weights(self):
     """training.init_from_diffusers: the imported architecture (with config.model.dropout) and
     weights are the starting state; θ = θ_ema = the imported params, Adam moments zero."""
-    imported_model = unet.UNet(**{**TINY_MODEL, "dropout": 0.0})
+    imported_model = helpers.tiny_unet(dropout=0.0)
     imported = imported_model.init(jax.random.PRNGKey(7), np.zeros((1, 8, 8, 1), np.float32),
                                    np.zeros((1,), np.float32))["params"]
     config = tiny_digits_config(num_steps=0)
@@ -242,7 +237,7 @@ class TrainLoopTest(absltest.TestCase):
       model, params = trainer.model_from_config(config)
     loader.assert_called_once_with("/weights/ddpm", None)
     self.assertEqual(model.dropout, 0.3)
-    self.assertEqual(model.ch, TINY_MODEL["ch"])
+    self.assertEqual(model.ch, helpers.TINY_UNET["ch"])
     result = _train(config, os.path.join(self.root, "ft"), self.dataset,
                                       model=model, init_params=params)
     self.assertEqual(result.steps_run, 0)
@@ -303,25 +298,13 @@ class TrainLoopTest(absltest.TestCase):
       self.assertFalse(os.path.exists(os.path.join(workdir, "checkpoints")))
 
 
-def _noisy_tiny_unet(num_classes: int = 0):
-  """The tiny UNet with every parameter perturbed, so that ε_θ is far from 0 (the fresh
-  init's zero output layer would make every sampler trivial)."""
-  model = unet.UNet(**{**TINY_MODEL, "dropout": 0.0, "num_classes": num_classes})
-  y = jnp.zeros((1,), jnp.int32) if num_classes else None
-  params = model.init(jax.random.PRNGKey(3), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)), y)["params"]
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(4), len(leaves))
-  leaves = [p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
-  return model, jax.tree.unflatten(tree, leaves)
-
-
 class SampleImagesTest(absltest.TestCase):
 
   def test_ddpm_takes_all_steps_and_dpm_solver_settings_pass_through(self):
     """sampler='ddpm' with the config default num_steps=50 runs all 1000 steps (NFE 1000)
     instead of failing; 'dpm_solver' passes order and variant to the solver (called with
     order=2, variant='dpmsolver'), which changes the samples against order 3."""
-    model, params = _noisy_tiny_unet()
+    model, params = helpers.noisy_tiny_unet()
     view = samplers.noise_schedule(sde.DiscreteSchedule())
     key = jax.random.PRNGKey(5)
     network = samplers.Network(model, params, view)
@@ -340,13 +323,11 @@ class SampleImagesTest(absltest.TestCase):
 
 
 _PADDED_SAMPLING_SCRIPT = textwrap.dedent("""
-    import sys
-    sys.path.insert(0, {tests!r})
     import jax, numpy as np
     from ddpm_ot_jax import samplers, sde, train
-    import train_ddpm_test
+    import helpers
     assert jax.device_count() == 4
-    model, params = train_ddpm_test._noisy_tiny_unet(num_classes=3)
+    model, params = helpers.noisy_tiny_unet(num_classes=3)
     mesh = train.make_data_mesh()
     params = jax.device_put(params, train.replicated(mesh))
     view = samplers.noise_schedule(sde.DiscreteSchedule())
@@ -376,8 +357,7 @@ class PaddedShardedSamplingTest(absltest.TestCase):
     """On 4 virtual CPU devices, 7 class-conditional samples in chunks of 5: each chunk is
     padded (to 8 and 4 rows) and runs on all 4 devices, the pad is dropped (7 images), and
     the images equal those of an unsharded run (DDIM is per-row, 1e-5)."""
-    script = _PADDED_SAMPLING_SCRIPT.format(tests=os.path.join(ROOT, "tests"))
-    proc = experiment_case.run_on_cpu_devices("-c", script)
+    proc = helpers.run_on_cpu_devices("-c", _PADDED_SAMPLING_SCRIPT)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertIn("OK", proc.stdout)
 
@@ -406,11 +386,10 @@ class Cifar10ConfigTest(absltest.TestCase):
   def test_tiny_run_on_fake_cifar_folder(self):
     """With tiny overrides the CIFAR-10 config trains 2 steps on a fake cifar-10-batches-py,
     checkpoints both steps, and samples 32×32×3 images."""
-    data_test.fake_cifar(self.root)
+    helpers.fake_cifar(self.root)
     config = cifar10_ddpm.get_config()
     config.data.root = self.root
-    config.model.update(dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
-                             norm_groups=4))
+    helpers.tiny_model(config)
     config.training.update(dict(num_steps=2, batch_size=4, warmup_steps=1, log_every=1,
                                 checkpoint_every=1, sample_every=0))
     config.sampling.update(dict(num_steps=2, num_samples=4, batch_size=4))

@@ -13,7 +13,7 @@ from absl.testing import absltest
 import jax
 import numpy as np
 
-import experiment_case
+import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 4
@@ -23,41 +23,11 @@ def _tiny_config(num_devices: int):
   from configs import digits_ddpm  # pylint: disable=g-import-not-at-top
 
   config = digits_ddpm.get_config()
-  config.model.update(dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
-                           dropout=0.1, norm_groups=4))
+  helpers.tiny_model(config)
   config.training.update(dict(num_steps=3, batch_size=16, num_devices=num_devices,
                               warmup_steps=2, log_every=1, checkpoint_every=2,
                               sample_every=0))
   return config
-
-
-STATE_FIELDS = ("params", "ema_params", "opt_state", "step", "rng")
-
-
-def state_leaves(state) -> dict[str, list[np.ndarray]]:
-  """{field: its leaves as host arrays} of a TrainState (replicated leaves, any process)."""
-  return {field: [np.asarray(x) for x in jax.tree.leaves(getattr(state, field))]
-          for field in STATE_FIELDS}
-
-
-def assert_states_close(a: dict[str, list[np.ndarray]], b: dict[str, list[np.ndarray]],
-                        lr: float) -> None:
-  """Two training states (`state_leaves`) equal up to float summation order: ≤ 1e-5 relative,
-  step and key exactly.
-
-  Adam moves every coordinate by ≈ lr · m/√v whatever the gradient's size, so a coordinate
-  whose gradient is ~0 (a bias cancelled by the GroupNorm after it) has a step that summation
-  order can change by a fraction of lr: params and EMA get 1e-2 · lr of slack.
-  """
-  for field in STATE_FIELDS:
-    slack = 1e-2 * lr if field in ("params", "ema_params") else 0.0
-    assert len(a[field]) == len(b[field]), field
-    for x, y in zip(a[field], b[field]):
-      if np.issubdtype(x.dtype, np.floating):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6 * (1 + np.max(np.abs(y))) + slack,
-                                   err_msg=field)
-      else:
-        np.testing.assert_array_equal(x, y, err_msg=field)
 
 
 class DataParallelTest(absltest.TestCase):
@@ -70,7 +40,7 @@ class DataParallelTest(absltest.TestCase):
     if jax.device_count() >= NUM_DEVICES:
       self._check_in_process()
       return
-    proc = experiment_case.run_on_cpu_devices(os.path.abspath(__file__), num_devices=NUM_DEVICES,
+    proc = helpers.run_on_cpu_devices(os.path.abspath(__file__), num_devices=NUM_DEVICES,
                                               timeout=600)
     self.assertEqual(proc.returncode, 0, proc.stdout[-3000:] + proc.stderr[-5000:])
     self.assertIn("OK", proc.stderr)
@@ -95,8 +65,8 @@ class DataParallelTest(absltest.TestCase):
     self.assertTrue(leaf.sharding.is_fully_replicated)
     np.testing.assert_allclose(four.final_loss, one.final_loss, rtol=1e-5)
     self.assertEqual(int(four.state.step), 3)
-    assert_states_close(state_leaves(four.state), state_leaves(one.state),
-                        _tiny_config(1).training.lr)
+    helpers.assert_states_close(helpers.state_leaves(four.state),
+                                helpers.state_leaves(one.state), _tiny_config(1).training.lr)
     with checkpoints.Checkpointer(os.path.join(root, str(NUM_DEVICES), "checkpoints")) as ckpt:
       self.assertEqual(ckpt.all_steps(), [2, 3])
       restored = ckpt.restore(four.state)

@@ -12,18 +12,10 @@ from ddpm_ot_jax import data
 from ddpm_ot_jax import samplers
 from ddpm_ot_jax import sde
 from ddpm_ot_jax import train
-from ddpm_ot_jax.models import unet
+
+import helpers
 
 SCHEDULE = sde.DiscreteSchedule()
-
-
-def tiny_unet(**kwargs) -> unet.UNet:
-  """The real UNet at a size that compiles in seconds: one level, one ResBlock, the middle
-  attention block, dropout."""
-  fields = dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.1,
-                norm_groups=4)
-  fields.update(kwargs)
-  return unet.UNet(**fields)
 
 
 def _oracle_apply(x0_point, loss_type):
@@ -176,7 +168,7 @@ class TrainStepTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.model = tiny_unet()
+    cls.model = helpers.tiny_unet()
     cls.mesh = train.make_data_mesh(jax.devices()[:1])
     cls.hparams = train.TrainHparams(lr=3e-3, warmup_steps=5, ema_decay=0.9)
     tx = train.make_optimizer(cls.hparams)
