@@ -345,7 +345,9 @@ _PADDED_SAMPLING_SCRIPT = textwrap.dedent("""
     single = run(None)
     assert sharded.images.shape == (7, 8, 8, 1), sharded.images.shape
     assert seen == [(8, 4), (4, 4)], seen  # chunks of 5 and 2 padded to 8 and 4, on 4 devices
-    np.testing.assert_allclose(sharded.images, single.images, atol=1e-5)
+    # float32 convolutions over 8-row shards vs 5-row batches sum in another order (1.9e-5
+    # seen after 3 steps); distinct samples differ by > 1e-3 (checked next).
+    np.testing.assert_allclose(sharded.images, single.images, atol=1e-4)
     assert np.max(np.abs(single.images[:5] - single.images[5:6])) > 1e-3
     print("OK")
 """)
@@ -356,7 +358,8 @@ class PaddedShardedSamplingTest(absltest.TestCase):
   def test_chunks_that_do_not_split_run_padded_and_sharded(self):
     """On 4 virtual CPU devices, 7 class-conditional samples in chunks of 5: each chunk is
     padded (to 8 and 4 rows) and runs on all 4 devices, the pad is dropped (7 images), and
-    the images equal those of an unsharded run (DDIM is per-row, 1e-5)."""
+    the images equal those of an unsharded run (DDIM is per-row; to 1e-4, float32 summation
+    order), 10× below the difference between two samples."""
     proc = helpers.run_on_cpu_devices("-c", _PADDED_SAMPLING_SCRIPT)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertIn("OK", proc.stdout)
