@@ -1,6 +1,9 @@
 r"""Speed and accuracy of the grid Fokker–Planck score, for grids 256, 512 and 1024.
 
-  python scripts/bench_fokker_planck.py [--out=bench_results/fokker_planck.json]
+  python scripts/bench_fokker_planck.py [--config=configs/bench/fokker_planck.py] [--config.grids=256,512]
+
+Reads configs/bench/fokker_planck.py (ml_collections, `--config.KEY=VALUE` overrides, as
+scripts/main.py): config.grids, config.num_samples, config.seed, config.out.
 
 Accuracy (Gaussian mixtures, whose score `gmm.score_fn` is exact at every t), over the region
 that holds 1 − 1e−6 of the mass of p_t (the points of a 300² grid on [−7, 7]² above the density
@@ -15,9 +18,9 @@ level enclosing that mass):
   for two decompositions: 'gaussian' (each Gaussian is a component, the solver's intended
   use) and 'pairs' (each component is a pair of overlapping Gaussians: a non-Gaussian R that
   the splines must interpolate).
-Speed (one density of the paper's family, K components, `--num_samples` samples): seconds
+Speed (one density of the paper's family, K components, config.num_samples samples): seconds
 of the grid solve, the ODE (encode), the Jacobians and exact OT, after a warm-up.
-Prints a table and writes JSON.
+Prints a table and writes JSON (config.out).
 """
 from __future__ import annotations
 
@@ -25,13 +28,12 @@ import os
 import sys
 import time
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _REPO)
 from ddpm_ot_jax import densities  # pylint: disable=g-import-not-at-top
 from ddpm_ot_jax import flow
 from ddpm_ot_jax import fokker_planck
@@ -40,10 +42,7 @@ from ddpm_ot_jax import ot
 from ddpm_ot_jax import sde
 from ddpm_ot_jax.experiments import common
 
-_OUT = flags.DEFINE_string("out", "bench_results/fokker_planck.json", "Where to write the JSON.")
-_GRIDS = flags.DEFINE_list("grids", ["256", "512", "1024"], "Base grid sizes.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2500, "Samples per density.")
-_SEED = flags.DEFINE_integer("seed", 3, "Seed of the family density used for timing.")
+DEFAULT_CONFIG = os.path.join(_REPO, "configs", "bench", "fokker_planck.py")
 _TIMES = (0.0, 1e-3, 0.01, 0.1, 1.0, 4.0)
 _SCHEDULE = sde.ConstantSchedule(2.0, 8.0)
 _OPTIONS = flow.SolverOptions(solver="dopri8", rtol=1e-8, atol=1e-8)
@@ -122,21 +121,39 @@ def speed(grid_size: int, num_samples: int, seed: int) -> dict:
   return out
 
 
-def main(argv):
-  del argv
+def grid_names(config) -> list[str]:
+  """config.grids as a list of the sizes' strings ('256,512' → ['256', '512'])."""
+  names = [g.strip() for g in str(config.grids).split(",") if g.strip()]
+  if not names or not all(g.isdigit() and int(g) > 0 for g in names):
+    raise ValueError(f"config.grids must be comma-separated positive sizes, got {config.grids!r}.")
+  return names
+
+
+def main(argv) -> None:
+  import cli  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments {argv[1:]}; config overrides look like --config.KEY=VALUE.")
+  config = _CONFIG.value
+  try:
+    grids = grid_names(config)
+  except ValueError as e:
+    cli.fail(str(e))
   jax.config.update("jax_enable_x64", True)
-  report = {"num_samples": _NUM_SAMPLES.value, "solver": _OPTIONS.solver, "tolerance": _OPTIONS.rtol}
-  for grid in (int(g) for g in _GRIDS.value):
-    row = speed(grid, _NUM_SAMPLES.value, _SEED.value)
+  report = {"num_samples": config.num_samples, "solver": _OPTIONS.solver, "tolerance": _OPTIONS.rtol}
+  for grid in (int(g) for g in grids):
+    row = speed(grid, config.num_samples, config.seed)
     row.update(accuracy(grid))
     report[f"grid_{grid}"] = row
-  common.write_json(_OUT.value, report)
-  keys = sorted({k for g in _GRIDS.value for k in report[f"grid_{g}"]})
-  print(f"{'':34s}" + "".join(f"{'grid ' + g:>14s}" for g in _GRIDS.value))
+  common.write_json(config.out, report)
+  keys = sorted({k for g in grids for k in report[f"grid_{g}"]})
+  print(f"{'':34s}" + "".join(f"{'grid ' + g:>14s}" for g in grids))
   for k in keys:
-    print(f"{k:34s}" + "".join(f"{report[f'grid_{g}'][k]:14.3g}" for g in _GRIDS.value))
-  print(f"Wrote {_OUT.value}")
+    print(f"{k:34s}" + "".join(f"{report[f'grid_{g}'][k]:14.3g}" for g in grids))
+  print(f"Wrote {config.out}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from absl import app  # pylint: disable=g-import-not-at-top
+  import cli  # pylint: disable=g-import-not-at-top  # scripts/ is first on sys.path
+  _CONFIG = cli.define_config_flag(DEFAULT_CONFIG, "Path to a config file in configs/bench/.")
+  app.run(main, flags_parser=cli.flags_parser(DEFAULT_CONFIG))

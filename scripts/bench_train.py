@@ -1,14 +1,18 @@
 r"""Training and sampling throughput of the DDPM configs on this machine's devices.
 
   python scripts/bench_train.py                       # digits + CIFAR-10 (real model size)
-  python scripts/bench_train.py --configs=digits --train_steps=50
+  python scripts/bench_train.py --config.configs=digits --config.train_steps=50
+
+Reads configs/bench/train.py (ml_collections, `--config.KEY=VALUE` overrides, as
+scripts/main.py); the models themselves are those of configs/digits_ddpm.py and
+configs/cifar10_ddpm.py.
 
 For each config: the data-parallel train step (`train.make_train_step`, all devices) at the
-config's model size, images/s over `train_steps` steps after one compiling step; and DDIM
+config's model size, images/s over config.train_steps steps after one compiling step; and DDIM
 with 10 network evaluations (`samplers.ddim`, 10 NFE) from the EMA parameters, images/s
 after one compiling call. Images are random (throughput does not depend on content), so no
 dataset is needed. CIFAR-10 uses the full 35.7M-parameter UNet; on CPU its batches default
-to 16 (--cifar_batch_size), on accelerators to the paper's 128. Writes JSON (--out) and prints
+to 16 (config.cifar_batch_size), on accelerators to the paper's 128. Writes JSON (config.out) and prints
 a table; the load average is recorded because a shared CPU skews the numbers.
 """
 from __future__ import annotations
@@ -18,24 +22,15 @@ import sys
 import time
 from typing import Sequence
 
-from absl import app
-from absl import flags
-
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
-_CONFIGS = flags.DEFINE_list("configs", ["digits", "cifar10"], "Which of digits, cifar10.")
-_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 0, "Timed train steps (0: 30 digits, 3 CIFAR "
-                                    "on CPU, 50 on accelerators).")
-_SAMPLE_REPEATS = flags.DEFINE_integer("sample_repeats", 2, "Timed DDIM-10 calls.")
-_CIFAR_BATCH = flags.DEFINE_integer("cifar_batch_size", 0, "CIFAR batch (0: 16 CPU, 128 else).")
-_SAMPLE_BATCH = flags.DEFINE_integer("sample_batch_size", 0,
-                                     "Images per DDIM-10 call (0: the training batch).")
-_OUT = flags.DEFINE_string("out", os.path.join(_REPO, "bench_results", "bench_train.json"),
-                           "JSON output path.")
+DEFAULT_CONFIG = os.path.join(_REPO, "configs", "bench", "train.py")
+_NAMES = ("digits", "cifar10")
 
 
-def _bench(name: str, config, batch_size: int, train_steps: int, sample_batch: int) -> dict:
+def _bench(name: str, config, batch_size: int, train_steps: int, sample_batch: int,
+           sample_repeats: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -77,7 +72,7 @@ def _bench(name: str, config, batch_size: int, train_steps: int, sample_batch: i
   jax.block_until_ready(result.x)
   sample_compile_seconds = time.perf_counter() - start
   start = time.perf_counter()
-  for _ in range(_SAMPLE_REPEATS.value):
+  for _ in range(sample_repeats):
     result = samplers.ddim(eps_fn, view, x, 10)
     jax.block_until_ready(result.x)
   sample_seconds = time.perf_counter() - start
@@ -91,13 +86,23 @@ def _bench(name: str, config, batch_size: int, train_steps: int, sample_batch: i
       "train_compile_seconds": compile_seconds,
       "sample_batch_size": sample_batch,
       "sample_nfe": int(result.nfe),
-      "sample_images_per_second": sample_batch * _SAMPLE_REPEATS.value / sample_seconds,
+      "sample_images_per_second": sample_batch * sample_repeats / sample_seconds,
       "sample_compile_seconds": sample_compile_seconds,
   }
 
 
 def main(argv: Sequence[str]) -> None:
-  del argv
+  import cli  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments {argv[1:]}; config overrides look like --config.KEY=VALUE.")
+  bench = _CONFIG.value
+  names = [n.strip() for n in str(bench.configs).split(",") if n.strip()]
+  unknown = [n for n in names if n not in _NAMES]
+  if unknown or not names:
+    cli.fail(f"unknown config {', '.join(unknown) or repr(bench.configs)} in config.configs; "
+             f"choose from {', '.join(_NAMES)}.")
+  if bench.sample_repeats < 1:
+    cli.fail(f"config.sample_repeats must be ≥ 1, got {bench.sample_repeats}.")
   import jax  # pylint: disable=g-import-not-at-top
 
   from configs import cifar10_ddpm  # pylint: disable=g-import-not-at-top
@@ -106,18 +111,17 @@ def main(argv: Sequence[str]) -> None:
 
   on_cpu = jax.default_backend() == "cpu"
   rows = []
-  for name in _CONFIGS.value:
+  for name in names:
     if name == "digits":
       config = digits_ddpm.get_config()
       batch = config.training.batch_size
-      steps = _TRAIN_STEPS.value or (30 if on_cpu else 50)
-    elif name == "cifar10":
+      steps = bench.train_steps or (30 if on_cpu else 50)
+    else:  # cifar10
       config = cifar10_ddpm.get_config()
-      batch = _CIFAR_BATCH.value or (16 if on_cpu else config.training.batch_size)
-      steps = _TRAIN_STEPS.value or (3 if on_cpu else 50)
-    else:
-      raise app.UsageError(f"unknown config {name!r}; choose digits, cifar10.")
-    rows.append(_bench(name, config, batch, steps, _SAMPLE_BATCH.value or batch))
+      batch = bench.cifar_batch_size or (16 if on_cpu else config.training.batch_size)
+      steps = bench.train_steps or (3 if on_cpu else 50)
+    rows.append(_bench(name, config, batch, steps, bench.sample_batch_size or batch,
+                       bench.sample_repeats))
 
   load = os.getloadavg()
   report = {
@@ -128,7 +132,7 @@ def main(argv: Sequence[str]) -> None:
       "load_average_1min_after": load[0],
       "results": rows,
   }
-  common.write_json(_OUT.value, report)
+  common.write_json(bench.out, report)
   header = (f"{'config':8s} {'params':>10s} {'batch':>6s} {'train img/s':>12s} "
             f"{'s/step':>8s} {'DDIM-10 img/s':>14s} {'compile s':>10s}")
   print(f"backend {report['backend']} ({report['device_kind']}), {len(report['devices'])} "
@@ -139,8 +143,11 @@ def main(argv: Sequence[str]) -> None:
     print(f"{r['config']:8s} {r['params']:10d} {r['batch_size']:6d} "
           f"{r['train_images_per_second']:12.1f} {r['train_seconds_per_step']:8.3f} "
           f"{r['sample_images_per_second']:14.1f} {r['train_compile_seconds']:10.1f}")
-  print(f"Wrote {_OUT.value}")
+  print(f"Wrote {bench.out}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from absl import app  # pylint: disable=g-import-not-at-top
+  import cli  # pylint: disable=g-import-not-at-top  # scripts/ is first on sys.path
+  _CONFIG = cli.define_config_flag(DEFAULT_CONFIG, "Path to a config file in configs/bench/.")
+  app.run(main, flags_parser=cli.flags_parser(DEFAULT_CONFIG))
