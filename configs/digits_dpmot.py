@@ -4,7 +4,7 @@ python scripts/main.py                       # this config, workdir runs/digits_
 
 Trains the digits DDPM (configs/digits_ddpm.py's network), diffuses the targets to the switch
 step M, solves the semi-discrete OT from N(0, I_64) to those latents, and compares DPM-OT
-with DDIM, DPM-Solver(3M), DPM-Solver++(3M) and UniPC at 10 network evaluations, beside the
+with DDIM, DPM-Solver++(2M), DPM-Solver++(3M) and UniPC at 10 network evaluations, beside the
 copy-machine and data-floor controls: 5 draws of 300 samples per row (mean ± std). The time spacing of
 each baseline is fixed here to the one configs/digits_dpmot_full.py chose on its validation
 draws; that config is the statistically solid version (1000 samples per draw, NFE 5–50, the
@@ -45,12 +45,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.evaluation = ml_collections.ConfigDict(dict(
       # Rows ('ddpm', 'pf_ode', '<family>_<k>', 'dpm_ot_<k>', 'dpm_ot_<k>_m<M>'; see
       # experiments/dpmot.py); the copy machine and the data floor are always added.
-      methods=("ddim_10", "dpm_solver_10", "dpm_solver_pp_3m_10", "unipc_10", "dpm_ot_10",
+      methods=("ddim_10", "dpm_solver_pp_2m_10", "dpm_solver_pp_3m_10", "unipc_10", "dpm_ot_10",
                "dpm_ot_10_m99"),
       # Time spacing per few-step method ('logSNR', 'time_uniform', 'time_quadratic'); a method
       # not listed is tuned on validation draws against tuning_split.
       spacings=ml_collections.ConfigDict(dict(
-          ddim_10="time_uniform", dpm_solver_10="time_uniform",
+          ddim_10="time_uniform", dpm_solver_pp_2m_10="logSNR",
           dpm_solver_pp_3m_10="time_quadratic", unipc_10="time_uniform")),
       num_samples=300,  # images per draw of every row
       num_draws=5,  # independent draws per row (rows are mean ± std over them)
