@@ -22,6 +22,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from ddpm_ot_jax import checkpoints
 from ddpm_ot_jax import distributed
 from ddpm_ot_jax import plotting
 from ddpm_ot_jax import trainer
@@ -43,10 +44,27 @@ def atomic_path(path: str) -> Iterator[str]:
   os.close(fd)
   try:
     yield tmp
+    checkpoints.fault_point("atomic_write")  # written, not yet renamed
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def remove_temporaries(workdir: str) -> list[str]:
+  """Deletes the `atomic_path` temporaries (.tmp-*) under `workdir` that a killed run left;
+  returns their paths. Only while no other run writes there (scripts/main.py, at the start)."""
+  removed = []
+  for dirpath, _, filenames in os.walk(workdir):
+    for name in filenames:
+      if name.startswith(".tmp-"):
+        path = os.path.join(dirpath, name)
+        os.remove(path)
+        removed.append(path)
+  if removed:
+    logging.info("Removed %d temporary file(s) a killed run left: %s", len(removed),
+                 ", ".join(removed))
+  return removed
 
 
 def _to_jsonable(value: Any) -> Any:

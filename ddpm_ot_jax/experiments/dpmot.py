@@ -349,6 +349,7 @@ def _expressway(config, network, model_fp: str, targets: np.ndarray, switch_inde
                                    switch_index=switch_index, seed=config.seed))
 
   def latents_fn():
+    checkpoints.fault_point("dpmot_latents")
     noise = np.asarray(jax.random.normal(_key(config, LATENT_STREAM), targets.shape, jnp.float32))
     latents = np.sqrt(alpha_bar) * targets + np.sqrt(1.0 - alpha_bar) * noise
     return {"latents": latents.astype(np.float32)}
@@ -370,6 +371,7 @@ def _expressway(config, network, model_fp: str, targets: np.ndarray, switch_inde
     else:
       logging.info("Solving semi-discrete OT at M=%d: N=%d targets in d=%d, up to %d "
                    "iterations", switch_index, len(latents), latents[0].size, oc.num_iterations)
+      checkpoints.fault_point("dpmot_ot_solve")
       # Every process solves on its own first device with the same key (the same g, bit for
       # bit); process 0's g and diagnostics are then used everywhere, so they cannot differ.
       g, diag = semidiscrete.solve_potential(
@@ -412,6 +414,7 @@ def _draw(method: Method, network, key, num_samples: int, batch_size: int, image
           expressway: Expressway | None, source: str, spacing: str | None) -> dict[str, np.ndarray]:
   """`num_samples` images of `method` as the arrays of a sample cache: images, nfe, seconds
   and, for DPM-OT, target_index."""
+  checkpoints.fault_point("dpmot_sampling")
   kwargs = dict(method.kwargs)
   if spacing is not None:
     kwargs["spacing"] = spacing
@@ -450,6 +453,7 @@ class Evaluator:
   def measure(self, images: np.ndarray, config, reference_features: np.ndarray | None = None
               ) -> dict[str, float]:
     """The metrics of one draw of images."""
+    checkpoints.fault_point("dpmot_metrics")
     ec = config.evaluation
     reference = self.reference_features if reference_features is None else reference_features
     feats = self.features(images)
@@ -615,6 +619,7 @@ def _verdicts(rows: list[tuple[Method | None, str, dict]]) -> tuple[str, dict[st
 def _validate(config) -> list[Method]:
   """Config errors, before anything is read or computed; returns the methods."""
   dc, ec = config.dpmot, config.evaluation
+  trainer.check_training(config)
   if dc.sampler not in ("ddim", "ddpm", "dpm_solver"):
     raise ValueError(f"dpmot.sampler must be 'ddim', 'ddpm' or 'dpm_solver', got {dc.sampler!r}.")
   if dc.source not in semidiscrete.SOURCES:
