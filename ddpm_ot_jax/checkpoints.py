@@ -123,5 +123,5 @@ class Checkpointer:
 
 
 def _first_line(error: Exception) -> str:
-  text = str(error).strip()
+  text = str(error).strip().split(" See full TensorStore details")[0]
   return text.splitlines()[0][:300] if text else ""

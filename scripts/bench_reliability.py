@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from typing import Callable, Sequence
+import warnings
 
 from absl import app
 from absl import flags
@@ -50,6 +51,9 @@ _MAIN = os.path.join(_REPO, "scripts", "main.py")
 _KILLS = flags.DEFINE_integer("kills", 20, "Kill-and-resume runs (targeted points first, "
                               "then random moments).")
 _CASES = flags.DEFINE_string("cases", "all", "'all', 'quick' (10 cheap ones) or a comma list.")
+_TARGETED = flags.DEFINE_list("targeted", [], "Targeted kills as config:point[@k] (default: "
+                               "TARGETED, the first --kills of them).")
+_JOBS = flags.DEFINE_integer("jobs", 2, "Kill runs at a time.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random kill moments.")
 _OUT = flags.DEFINE_string("out", os.path.join(_REPO, "bench_results", "bench_reliability.json"),
                            "JSON output path.")
@@ -63,8 +67,8 @@ def get_config():
   c = digits_ddpm.get_config()
   c.model.update(dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), norm_groups=4))
   c.diffusion.num_steps = 100
-  c.training.update(dict(num_steps=60, batch_size=8, warmup_steps=5, log_every=10,
-                         checkpoint_every=10, sample_every=0, keep_checkpoints=2))
+  c.training.update(dict(num_steps={steps}, batch_size=8, warmup_steps=5, log_every=10,
+                         checkpoint_every={every}, sample_every=0, keep_checkpoints=2))
   c.sampling.update(dict(num_samples=16, batch_size=16, num_steps=5, grid_size=16))
   c.evaluate.classifier = False
   return c
@@ -90,8 +94,7 @@ def get_config():
 TARGETED = (
     ("ddpm", "checkpoint_save@1"), ("dpmot", "dpmot_latents"), ("dpmot", "dpmot_ot_solve"),
     ("dpmot", "dpmot_sampling@2"), ("dpmot", "dpmot_metrics@3"), ("ddpm", "checkpoint_save@4"),
-    ("ddpm", "atomic_write@2"), ("ddpm", "atomic_write@4"), ("dpmot", "checkpoint_save@2"),
-    ("ddpm", "checkpoint_save@6"),
+    ("ddpm", "atomic_write@2"), ("ddpm", "atomic_write@4"), ("ddpm", "checkpoint_save@6"),
 )
 MAX_RESTARTS = 4
 TEMP_MARKERS = (".tmp-", "orbax-checkpoint-tmp")
@@ -141,7 +144,8 @@ def state_hash(checkpoint_dir: str) -> tuple[int | None, str | None]:
       checkpoint_dir) else []
   if not steps:
     return None, None
-  with ocp.PyTreeCheckpointer() as ckpt:
+  with warnings.catch_warnings(), ocp.PyTreeCheckpointer() as ckpt:
+    warnings.simplefilter("ignore")  # "Sharding info not provided": host arrays are wanted
     tree = ckpt.restore(os.path.join(checkpoint_dir, str(steps[-1]), "state"))
   digest = hashlib.sha256()
   for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(tree)[0],
@@ -276,12 +280,13 @@ def _error_lines(stderr: str) -> list[str]:
 
 
 def kill_runs(root: str, configs: dict[str, str], count: int, seed: int,
-              log: Callable[[str], None] = print) -> tuple[list[KillRun], dict]:
+              log: Callable[[str], None] = print, targeted: Sequence[tuple[str, str]] = TARGETED,
+              jobs: int = 1) -> tuple[list[KillRun], dict]:
   """`count` kill-and-resume runs (targeted first) against uninterrupted references."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   references = {}
-  plan = list(TARGETED[:count])
+  plan = list(targeted[:count])
   kinds = sorted({kind for kind, _ in plan}) or ["ddpm"]
   for kind in kinds:
     workdir = os.path.join(root, f"reference-{kind}")
@@ -296,10 +301,9 @@ def kill_runs(root: str, configs: dict[str, str], count: int, seed: int,
     plan.append(("ddpm", float(np.round(rng.uniform(1.0, references["ddpm"]["seconds"]), 2))
                  if "ddpm" in references else 5.0))
   if "ddpm" not in references and any(kind == "ddpm" for kind, _ in plan):
-    return kill_runs(root, configs, count, seed, log)  # unreachable with TARGETED first
+    raise ValueError("random kills need a DDPM reference: put a ddpm run first.")
 
-  runs = []
-  for i, (kind, how) in enumerate(plan):
+  def one(i: int, kind: str, how) -> KillRun:
     ref = references[kind]
     workdir = os.path.join(root, f"kill-{i:02d}-{kind}")
     args = [f"--config={configs[kind]}", f"--workdir={workdir}"]
@@ -328,10 +332,14 @@ def kill_runs(root: str, configs: dict[str, str], count: int, seed: int,
         run.half_written.append("metrics.jsonl steps differ from the reference")
     run.half_written += half_written(workdir)
     run.left_behind = sorted(temporaries(workdir) + sorted(listing(workdir) - ref["listing"]))
-    runs.append(run)
     log(f"{run.name} {kind:6s} {run.kill:28s} killed={run.killed} restarts={run.restarts} "
         f"finished={run.finished} identical={run.identical} half={run.half_written} "
         f"left={run.left_behind} crashes={run.crash_lines}")
+    return run
+
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+    runs = list(pool.map(lambda item: one(item[0], *item[1]), enumerate(plan)))
   return runs, references
 
 
@@ -399,6 +407,7 @@ class Case:
   expect: str = ""  # a substring the error line must contain
   check: Callable[[str, str], str] | None = None  # (case folder, stderr) → '' or a problem
   quick: bool = False
+  recovers: bool = False  # a cache: recomputed with a warning naming it, exit code 0
 
 
 def _write(path: str, blob: bytes) -> None:
@@ -474,12 +483,16 @@ def bad_input_cases(configs: dict[str, str], reference: str | None,
             _class_name="UNet2DModel", sample_size=32, in_channels=3, out_channels=3,
             block_out_channels=[8], layers_per_block=1, down_block_types=["DownBlock2D"],
             up_block_types=["UpBlock2D"], norm_num_groups=4)).encode())
-        _write(os.path.join(path, "diffusion_pytorch_model.safetensors"), b"\x08" + b"\0" * 7
-               + b"{}")
+        header = json.dumps({"conv_in.weight": dict(dtype="F32", shape=[8, 3, 1, 1],
+                                                     data_offsets=[0, 96])}).encode()
+        _write(os.path.join(path, "diffusion_pytorch_model.safetensors"),
+               len(header).to_bytes(8, "little") + header + bytes(96))
     return setup
 
   diffusers_args = ["--config.training.init_from_diffusers={folder}/ddpm"]
   cifar_dpmot = os.path.join(_REPO, "configs", "cifar10_dpmot.py")
+  cifar_splits = ["--config.dpmot.target_split=test[:4]", "--config.evaluation.reference_split="
+                  "test[4:]", "--config.evaluation.floor_split=train[:8]"]
   cases = [
       Case("unknown key", [f"--config={ddpm}", "--config.training.num_stepz=5"],
            expect="Valid keys", quick=True),
@@ -547,13 +560,13 @@ def bad_input_cases(configs: dict[str, str], reference: str | None,
                                         "--config.data.resolution=16"],
            setup=lambda f: _image_folder(os.path.join(f, "data"), corrupt=True),
            expect="9.png"),
-      Case("Inception weights missing", [f"--config={cifar_dpmot}",
+      Case("Inception weights missing", [f"--config={cifar_dpmot}", *cifar_splits,
                                          "--config.data.root={folder}/data",
                                          "--config.evaluation.inception_weights={folder}/no.pth"],
            setup=lambda f: _fake_cifar(os.path.join(f, "data"), truncate=False),
            expect="no.pth"),
       Case("Inception weights wrong shape", [
-          f"--config={cifar_dpmot}", "--config.data.root={folder}/data",
+          f"--config={cifar_dpmot}", *cifar_splits, "--config.data.root={folder}/data",
           "--config.evaluation.inception_weights={folder}/fid.pth",
           "--config.evaluation.inception_width=0.0625", "--config.evaluation.inception_resize=75"],
            setup=fid_weights(wrong_shape=True), expect="Inception"),
@@ -565,20 +578,20 @@ def bad_input_cases(configs: dict[str, str], reference: str | None,
                                              "--config.data.root={folder}/data",
                                              *diffusers_args],
            setup=lambda f: (_fake_cifar(os.path.join(f, "data"), truncate=False),
-                            diffusers_folder("wrong_shape")(f)), expect="safetensors"),
+                            diffusers_folder("wrong_shape")(f)), expect="do not fit"),
   ]
   if reference:
     cases += [
         Case("resume with a different model size", [
             f"--config={ddpm}", "--workdir={folder}/run", "--config.model.ch=16",
-            "--config.training.num_steps=70"],
+            "--config.training.num_steps=1000"],
              setup=_copy_reference(reference), expect="checkpoint"),
         Case("checkpoint past num_steps", [f"--config={ddpm}", "--workdir={folder}/run",
-                                           "--config.training.num_steps=30"],
+                                           "--config.training.num_steps=1"],
              setup=_copy_reference(reference), expect="num_steps"),
         Case("NaN-producing learning rate", [
             f"--config={ddpm}", "--workdir={folder}/run", "--config.training.lr=1e9",
-            "--config.training.grad_clip=0", "--config.training.num_steps=80"],
+            "--config.training.grad_clip=0", "--config.training.num_steps=1000"],
              setup=_copy_reference(reference), expect="non-finite", check=_nan_guard_check),
     ]
   if dpmot_reference:
@@ -597,7 +610,7 @@ def bad_input_cases(configs: dict[str, str], reference: str | None,
 
     cases += [
         Case("DPM-OT classifier cache corrupt", [f"--config={dpmot}", "--workdir={folder}/run"],
-             setup=corrupt_classifier, expect="classifier-"),
+             setup=corrupt_classifier, expect="cannot be read", recovers=True),
         Case("DPM-OT OT cache corrupt", [f"--config={dpmot}", "--workdir={folder}/run"],
              setup=corrupt_ot, expect="ot-"),
     ]
@@ -624,6 +637,16 @@ def run_case(case: Case, root: str) -> dict:
   after = _snapshot(folder)
   errors = _error_lines(err)
   problems = []
+  if case.recovers:
+    if rc != 0:
+      problems.append(f"exit code {rc}")
+    if "Traceback" in err:
+      problems.append("traceback")
+    if case.expect not in err:
+      problems.append(f"no warning naming {case.expect!r}")
+    warning = next((line for line in err.splitlines() if case.expect in line), "")
+    return dict(case=case.name, exit_code=rc, ok=not problems, problems=problems,
+                message=("recovered: " + warning.split("] ", 1)[-1])[:400], seconds=seconds)
   if rc == 0:
     problems.append("exit code 0")
   if rc < 0:
@@ -696,16 +719,20 @@ def markdown(report: dict) -> str:
 
 
 def run_harness(root: str, kills: int, cases: str, seed: int,
-                log: Callable[[str], None] = print) -> dict:
+                log: Callable[[str], None] = print,
+                targeted: Sequence[tuple[str, str]] = TARGETED, jobs: int = 1,
+                ddpm_steps: int = 60) -> dict:
   """Both parts in `root`; returns the report dict (see the module docstring)."""
   configs = {}
-  for kind, text in (("ddpm", TINY_DDPM), ("dpmot", TINY_DPMOT)):
+  ddpm = TINY_DDPM.replace("{steps}", str(ddpm_steps)).replace(
+      "{every}", str(max(1, ddpm_steps // 6)))
+  for kind, text in (("ddpm", ddpm), ("dpmot", TINY_DPMOT)):
     configs[kind] = os.path.join(root, f"tiny_{kind}.py")
     _write(configs[kind], text.encode())
   report: dict = {"kills": kills, "cases": cases, "seed": seed}
   references: dict = {}
   if kills:
-    runs, references = kill_runs(root, configs, kills, seed, log)
+    runs, references = kill_runs(root, configs, kills, seed, log, targeted, jobs)
     report["kill_runs"] = [dataclasses.asdict(r) for r in runs]
     report["kill_summary"] = dict(
         runs=len(runs), killed=sum(r.killed for r in runs),
@@ -728,11 +755,14 @@ def run_harness(root: str, kills: int, cases: str, seed: int,
     elif cases != "all":
       names = set(cases.split(","))
       selected = [c for c in selected if c.name in names]
-    report["bad_inputs"] = []
-    for case in selected:
+    def one(case: Case) -> dict:
       result = run_case(case, root)
-      report["bad_inputs"].append(result)
       log(f"case {case.name!r}: ok={result['ok']} {result['problems']} {result['message'][:200]}")
+      return result
+
+    import concurrent.futures  # pylint: disable=g-import-not-at-top
+    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+      report["bad_inputs"] = list(pool.map(one, selected))
   return report
 
 
@@ -744,8 +774,10 @@ def main(argv: Sequence[str]) -> None:
   root = _KEEP.value or tempfile.mkdtemp(prefix="bench-reliability-")
   os.makedirs(root, exist_ok=True)
   try:
+    targeted = [tuple(t.split(":", 1)) for t in _TARGETED.value] or TARGETED
     report = run_harness(root, _KILLS.value, _CASES.value, _SEED.value,
-                         log=lambda s: print(s, flush=True))
+                         log=lambda s: print(s, flush=True), targeted=targeted,
+                         jobs=_JOBS.value)
   finally:
     if not _KEEP.value:
       shutil.rmtree(root, ignore_errors=True)

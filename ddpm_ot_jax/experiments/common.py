@@ -31,6 +31,10 @@ if TYPE_CHECKING:
   import matplotlib.figure
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read (and restored): the mode a plain open() would give new files
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
   """Yields a temporary path beside `path`; renames it onto `path` only on success.
@@ -42,6 +46,7 @@ def atomic_path(path: str) -> Iterator[str]:
   suffix = os.path.splitext(path)[1]
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
   os.close(fd)
+  os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make every result file private
   try:
     yield tmp
     checkpoints.fault_point("atomic_write")  # written, not yet renamed

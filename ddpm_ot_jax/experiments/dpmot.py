@@ -492,10 +492,9 @@ def _evaluator(config, inputs: Inputs, targets: np.ndarray, workdir: str) -> Eva
   fp = stages.fingerprint(dict(seed=config.seed, data=config.data, split=ec.classifier_split,
                                kind="classifier", steps=steps))
   path = os.path.join(workdir, f"classifier-{fp[:12]}.msgpack")
-  if distributed.all_processes(os.path.exists(path)):
-    with open(path, "rb") as f:
-      params = flax.serialization.msgpack_restore(f.read())
-  else:  # trained by every process alike (local device, same key); process 0 writes it
+  params = _read_cached_params(path)
+  if not distributed.all_processes(params is not None):
+    # trained by every process alike (local device, same key); process 0 writes it
     params = classifier.train_classifier(_key(config, CLASSIFIER_STREAM), train_set.images,
                                          train_set.labels, num_classes=train_set.num_classes,
                                          num_steps=steps)
@@ -508,6 +507,20 @@ def _evaluator(config, inputs: Inputs, targets: np.ndarray, workdir: str) -> Eva
   kid_scale = float(np.sqrt(np.mean(reference_features.astype(np.float64) ** 2)))
   return Evaluator(feats, probs, "digits-classifier", reference_features, targets, novelty,
                    kid_scale, accuracy)
+
+
+def _read_cached_params(path: str):
+  """The msgpack'd parameters at `path`; None when missing or unreadable (a warning: the
+  cache is recomputed and rewritten atomically)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, "rb") as f:
+      return flax.serialization.msgpack_restore(f.read())
+  except Exception as e:  # pylint: disable=broad-except  (msgpack raises its own types)
+    logging.warning("The cached classifier %s cannot be read (%s: %s); training it again.",
+                    path, type(e).__name__, e)
+    return None
 
 
 def _summarize(draws: list[dict[str, float]]) -> dict[str, Any]:
