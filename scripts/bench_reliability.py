@@ -590,8 +590,8 @@ def bad_input_cases(configs: dict[str, str], reference: str | None,
                                            "--config.training.num_steps=1"],
              setup=_copy_reference(reference), expect="num_steps"),
         Case("NaN-producing learning rate", [
-            f"--config={ddpm}", "--workdir={folder}/run", "--config.training.lr=1e9",
-            "--config.training.grad_clip=0", "--config.training.num_steps=1000"],
+            f"--config={ddpm}", "--workdir={folder}/run", "--config.training.lr=1e30",
+            "--config.training.num_steps=1000"],
              setup=_copy_reference(reference), expect="non-finite", check=_nan_guard_check),
     ]
   if dpmot_reference:
