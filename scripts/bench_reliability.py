@@ -53,6 +53,8 @@ _KILLS = flags.DEFINE_integer("kills", 20, "Kill-and-resume runs (targeted point
 _CASES = flags.DEFINE_string("cases", "all", "'all', 'quick' (10 cheap ones) or a comma list.")
 _TARGETED = flags.DEFINE_list("targeted", [], "Targeted kills as config:point[@k] (default: "
                                "TARGETED, the first --kills of them).")
+_RESCORE = flags.DEFINE_bool("rescore", False, "Recompute the bit-identity of the kill runs "
+                              "kept under --keep and rewrite --out / --markdown (no run).")
 _JOBS = flags.DEFINE_integer("jobs", 2, "Kill runs at a time.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random kill moments.")
 _OUT = flags.DEFINE_string("out", os.path.join(_REPO, "bench_results", "bench_reliability.json"),
@@ -134,8 +136,9 @@ def run_main(args: Sequence[str], env: dict[str, str] | None = None, timeout: fl
 # ------------------------------------------------------------------------------------------
 
 
-def state_hash(checkpoint_dir: str) -> tuple[int | None, str | None]:
-  """(latest step, SHA-256 over the restored pytree's leaves: path, dtype, shape, bytes)."""
+def state_hash(checkpoint_dir: str, skip: str = "") -> tuple[int | None, str | None]:
+  """(latest step, SHA-256 over the restored pytree's leaves: path, dtype, shape, bytes; leaves
+  whose path contains `skip`, when given, left out)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -150,6 +153,8 @@ def state_hash(checkpoint_dir: str) -> tuple[int | None, str | None]:
   digest = hashlib.sha256()
   for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(tree)[0],
                            key=lambda kv: jax.tree_util.keystr(kv[0])):
+    if skip and skip in jax.tree_util.keystr(path):
+      continue
     array = np.asarray(leaf)
     digest.update(f"{jax.tree_util.keystr(path)}{array.dtype}{array.shape}".encode())
     digest.update(array.tobytes())
@@ -174,7 +179,8 @@ def fingerprint_run(workdir: str) -> dict[str, str]:
   for ckpt in sorted(glob.glob(os.path.join(workdir, "**", "checkpoints"), recursive=True)):
     out[os.path.relpath(ckpt, workdir)] = "%s:%s" % state_hash(ckpt)
   for ot in sorted(glob.glob(os.path.join(workdir, "ot-*"))):
-    out[os.path.relpath(ot, workdir)] = "%s:%s" % state_hash(ot)
+    # The potential g; its diagnostics hold the solve's wall time, not a result.
+    out[os.path.relpath(ot, workdir)] = "%s:%s" % state_hash(ot, skip="diagnostics")
   for npz in sorted(glob.glob(os.path.join(workdir, "*.npz"))):
     out[os.path.relpath(npz, workdir)] = _npz_hash(npz)
   return out
@@ -770,6 +776,23 @@ def main(argv: Sequence[str]) -> None:
   del argv
   from ddpm_ot_jax.experiments import common  # pylint: disable=g-import-not-at-top
 
+  if _RESCORE.value:
+    with open(_OUT.value) as f:
+      report = json.load(f)
+    refs = {kind: fingerprint_run(os.path.join(_KEEP.value, f"reference-{kind}"))
+            for kind in ("ddpm", "dpmot")
+            if os.path.isdir(os.path.join(_KEEP.value, f"reference-{kind}"))}
+    for run in report["kill_runs"]:
+      workdir = os.path.join(_KEEP.value, f"{run['name']}-{run['config']}")
+      run["identical"] = run["finished"] and fingerprint_run(workdir) == refs[run["config"]]
+    report["kill_summary"]["bit_identical"] = sum(r["identical"] for r in report["kill_runs"])
+    report["rescored"] = True
+    common.write_json(_OUT.value, report)
+    table = markdown(report)
+    if _MARKDOWN.value:
+      common.write_text(_MARKDOWN.value, table)
+    print(table)
+    return
   start = time.perf_counter()
   root = _KEEP.value or tempfile.mkdtemp(prefix="bench-reliability-")
   os.makedirs(root, exist_ok=True)

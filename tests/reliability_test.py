@@ -5,6 +5,7 @@ half-written or stray file; 10 cheap bad inputs each end in one 'error:' line. T
 harness (20 kills incl. the DPM-OT stages, 36 bad inputs) is the benchmark."""
 import importlib.util
 import os
+import sys
 import tempfile
 
 from absl.testing import absltest
@@ -16,6 +17,7 @@ def _bench():
   spec = importlib.util.spec_from_file_location(
       "bench_reliability", os.path.join(ROOT, "scripts", "bench_reliability.py"))
   module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up
   spec.loader.exec_module(module)
   return module
 
