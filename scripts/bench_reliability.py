@@ -304,7 +304,10 @@ def kill_runs(root: str, configs: dict[str, str], count: int, seed: int,
     log(f"reference {kind}: {seconds:.1f} s")
   rng = np.random.default_rng(seed)
   while len(plan) < count:  # random moments over the whole DDPM run, startup included
-    plan.append(("ddpm", float(np.round(rng.uniform(1.0, references["ddpm"]["seconds"]), 2))
+    # Up to 0.8 × the reference's wall time: a slower reference (a busy CPU) must not draw
+    # moments after a faster kill run has already finished.
+    plan.append(("ddpm", float(np.round(rng.uniform(1.0, 0.8 * references["ddpm"]["seconds"]),
+                                        2))
                  if "ddpm" in references else 5.0))
   if "ddpm" not in references and any(kind == "ddpm" for kind, _ in plan):
     raise ValueError("random kills need a DDPM reference: put a ddpm run first.")
