@@ -15,6 +15,7 @@ that writes files (checkpoint I/O).
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 import jax
@@ -22,6 +23,21 @@ import orbax.checkpoint as ocp
 
 PyTree = Any
 _ITEM = "state"
+
+# Fault injection for scripts/bench_reliability.py: DDPM_OT_FAULT=<point>[@k] SIGKILLs the
+# process the k-th time (default 1st) it passes `fault_point(<point>)`. Unset: inert.
+FAULT_ENV = "DDPM_OT_FAULT"
+_fault_hits: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+  """SIGKILLs this process here when $DDPM_OT_FAULT names this point (see FAULT_ENV)."""
+  spec = os.environ.get(FAULT_ENV)
+  if not spec or spec.split("@")[0] != name:
+    return
+  _fault_hits[name] = _fault_hits.get(name, 0) + 1
+  if _fault_hits[name] == int(spec.partition("@")[2] or 1):
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def abstract_like(tree: PyTree) -> PyTree:
@@ -60,6 +76,7 @@ class Checkpointer:
     beyond `keep` once it is finished."""
     self._manager.save(int(step), args=ocp.args.Composite(**{_ITEM: ocp.args.StandardSave(tree)}),
                        force=True)
+    fault_point("checkpoint_save")  # async: the write is in flight here
 
   def restore(self, target: PyTree, step: int | None = None) -> PyTree:
     """Reads checkpoint `step` (default: the latest) into the structure, shapes, dtypes and
@@ -106,5 +123,5 @@ class Checkpointer:
 
 
 def _first_line(error: Exception) -> str:
-  text = str(error).strip()
+  text = str(error).strip().split(" See full TensorStore details")[0]
   return text.splitlines()[0][:300] if text else ""

@@ -432,6 +432,9 @@ def _locate(name: str, split: str, root: str | None, resolution: int | None) -> 
   if name == "digits":
     if resolution not in (None, 8):
       raise ValueError(f"digits images are 8×8; got resolution={resolution}.")
+    if root:
+      raise ValueError(f"digits are read from scikit-learn, not from data.root={root!r}; set "
+                       "data.root='' (or data.name to the dataset that lives there).")
     return None
   if name == "cifar10":
     if resolution not in (None, 32):

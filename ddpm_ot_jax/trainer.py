@@ -219,6 +219,24 @@ def _host_init_fn(model: flax.linen.Module, hparams: train.TrainHparams,
   return jax.jit(lambda key, rng: train.init_train_state(key, model, image_shape, tx, rng))
 
 
+def check_training(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the training.* key whose value cannot be trained with (checked
+  before any data is read or file written)."""
+  tc = config.training
+  ints = dict(num_steps=0, batch_size=1, warmup_steps=0, log_every=1, checkpoint_every=1,
+              keep_checkpoints=1, sample_every=0)
+  for key, low in ints.items():
+    value = tc.get(key, low)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise ValueError(f"training.{key} must be an int ≥ {low}, got {value!r}.")
+  for key in ("lr", "grad_clip", "ema_decay"):
+    value = tc.get(key, 0.0)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+      raise ValueError(f"training.{key} must be a finite number, got {value!r}.")
+  if not tc.lr > 0:
+    raise ValueError(f"training.lr must be > 0 (Adam's peak learning rate), got {tc.lr!r}.")
+
+
 def check_interval(log_every: int) -> int:
   """Steps between host reads of the loss: 1 on CPU (each step is waited on anyway: sharded
   all-reduces can time out otherwise), else `log_every` (no per-step host sync)."""
@@ -249,6 +267,7 @@ def train_ddpm(config: ml_collections.ConfigDict, checkpoint_dir: str, dataset: 
   Several processes: every one calls this with the same arguments; all take part in every
   step and in the orbax saves and restores; only the hooks decide who writes files.
   """
+  check_training(config)
   tc = config.training
   model = model if model is not None else unet.unet_from_config(config.model)
   schedule = schedule_from_config(config)

@@ -78,6 +78,11 @@ def flags_parser(default: str):
       fail(f"config file {path!r} not found. Configs in {folder}: {', '.join(configs)}")
     try:
       return flags.FLAGS(argv)
+    except (SyntaxError, ImportError, NameError) as e:  # the config file's own code
+      where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
+      fail(f"config file {path!r} cannot be loaded: {type(e).__name__}{where}: "
+           f"{getattr(e, 'msg', None) or e}. Fix the file (its get_config() returns a ConfigDict).")
+      raise  # unreachable
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
       # KeyErrors arrive as a repr inside the flag error; unquote them for a readable line.
       text = str(e).replace("\\n", " ").replace("\\'", "").replace("\n", " ")

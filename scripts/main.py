@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 from absl import app
@@ -34,9 +36,44 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: runs/<c
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of user errors.")
 
 # Errors a user can cause (bad config value, missing data or checkpoint): one clear message.
-_USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TypeError)
+_USER_ERRORS = (ValueError, OSError, KeyError, TypeError)  # OSError: files, disk, permissions
 
-_fail = cli.fail
+
+# The workdir when this run created it: a run that fails removes it again if it holds no file.
+_created_workdir: str | None = None
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  _remove_if_empty(_created_workdir)
+  sys.exit(2)
+
+
+def _remove_if_empty(workdir: str | None) -> None:
+  """Removes `workdir` when it and its subfolders hold no file (nothing to lose)."""
+  if not workdir or not os.path.isdir(workdir):
+    return
+  for dirpath, _, filenames in os.walk(workdir):
+    if filenames:
+      return
+  shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _make_workdir(workdir: str) -> None:
+  """Creates `workdir` (remembered for `_fail`) and checks that it takes files; one message
+  otherwise (a file of that name, a read-only place)."""
+  global _created_workdir
+  existed = os.path.isdir(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    if not existed:
+      _created_workdir = workdir
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    what = ("is a file, not a folder" if os.path.isfile(workdir) else
+            f"cannot be written ({e.strerror or type(e).__name__})")
+    _fail(f"workdir {workdir!r} {what}; pass --workdir=<a writable folder>.")
 
 
 def _config_path(argv: list[str]) -> str:
@@ -71,10 +108,15 @@ def main(argv: list[str]) -> None:
   config_name = os.path.splitext(os.path.basename(_config_path(sys.argv)))[0]
   workdir = _WORKDIR.value or os.path.join("runs", config_name)
   _join_run(config)  # before anything touches jax devices
-  os.makedirs(workdir, exist_ok=True)
 
   from ddpm_ot_jax import distributed  # pylint: disable=g-import-not-at-top
   from ddpm_ot_jax.experiments import common  # pylint: disable=g-import-not-at-top
+
+  if distributed.is_chief():
+    _make_workdir(workdir)
+    common.remove_temporaries(workdir)  # left by a run killed mid-write
+  else:
+    os.makedirs(workdir, exist_ok=True)
 
   if not config.get("experiment"):
     _fail(f"config {config_name} does not name an experiment (config.experiment).")

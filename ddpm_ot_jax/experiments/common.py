@@ -23,6 +23,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from ddpm_ot_jax import checkpoints
 from ddpm_ot_jax import distributed
 from ddpm_ot_jax import plotting
 from ddpm_ot_jax import sde
@@ -30,6 +31,10 @@ from ddpm_ot_jax import trainer
 
 if TYPE_CHECKING:
   import matplotlib.figure
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read (and restored): the mode a plain open() would give new files
 
 
 @contextlib.contextmanager
@@ -43,12 +48,30 @@ def atomic_path(path: str) -> Iterator[str]:
   suffix = os.path.splitext(path)[1]
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
   os.close(fd)
+  os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make every result file private
   try:
     yield tmp
+    checkpoints.fault_point("atomic_write")  # written, not yet renamed
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def remove_temporaries(workdir: str) -> list[str]:
+  """Deletes the `atomic_path` temporaries (.tmp-*) under `workdir` that a killed run left;
+  returns their paths. Only while no other run writes there (scripts/main.py, at the start)."""
+  removed = []
+  for dirpath, _, filenames in os.walk(workdir):
+    for name in filenames:
+      if name.startswith(".tmp-"):
+        path = os.path.join(dirpath, name)
+        os.remove(path)
+        removed.append(path)
+  if removed:
+    logging.info("Removed %d temporary file(s) a killed run left: %s", len(removed),
+                 ", ".join(removed))
+  return removed
 
 
 def _to_jsonable(value: Any) -> Any:

@@ -352,6 +352,7 @@ def _latent_map(config, network, model_fingerprint: str, targets: np.ndarray, sw
       switch_index=switch_index, seed=config.seed))
 
   def latents_fn():
+    checkpoints.fault_point("dpmot_latents")
     noise = np.asarray(jax.random.normal(_key(config, LATENT_STREAM), targets.shape, jnp.float32))
     latents = np.sqrt(alpha_bar) * targets + np.sqrt(1.0 - alpha_bar) * noise
     return {"latents": latents.astype(np.float32)}
@@ -376,6 +377,7 @@ def _latent_map(config, network, model_fingerprint: str, targets: np.ndarray, sw
       logging.info("Solving semi-discrete OT at M=%d: N=%d targets in d=%d, up to %d "
                    "iterations", switch_index, len(latents), latents[0].size,
                    ot_config.num_iterations)
+      checkpoints.fault_point("dpmot_ot_solve")
       # Every process solves on its own first device with the same key (the same g, bit for
       # bit); process 0's g and diagnostics are then used everywhere, so they cannot differ.
       g, diag = semidiscrete.solve_potential(
@@ -419,6 +421,7 @@ def _draw(method: Method, network, key, num_samples: int, batch_size: int, image
           latent_map: LatentMap | None, source: str, spacing: str | None) -> dict[str, np.ndarray]:
   """`num_samples` images of `method` as the arrays of a sample cache: images, nfe, seconds
   and, for DPM-OT, target_index."""
+  checkpoints.fault_point("dpmot_sampling")
   kwargs = dict(method.kwargs)
   if spacing is not None:
     kwargs["spacing"] = spacing
@@ -457,6 +460,7 @@ class Evaluator:
   def measure(self, images: np.ndarray, config, reference_features: np.ndarray | None = None
               ) -> dict[str, float]:
     """The metrics of one draw of images."""
+    checkpoints.fault_point("dpmot_metrics")
     ec = config.evaluation
     reference = self.reference_features if reference_features is None else reference_features
     feats = self.features(images)
@@ -495,10 +499,9 @@ def _evaluator(config, inputs: Inputs, targets: np.ndarray, workdir: str) -> Eva
   fingerprint = stages.fingerprint(dict(seed=config.seed, data=config.data,
                                         split=ec.classifier_split, kind="classifier", steps=steps))
   path = os.path.join(workdir, f"classifier-{fingerprint[:12]}.msgpack")
-  if distributed.all_processes(os.path.exists(path)):
-    with open(path, "rb") as f:
-      params = flax.serialization.msgpack_restore(f.read())
-  else:  # trained by every process alike (local device, same key); process 0 writes it
+  params = _read_cached_params(path)
+  if not distributed.all_processes(params is not None):
+    # trained by every process alike (local device, same key); process 0 writes it
     params = classifier.train_classifier(_key(config, CLASSIFIER_STREAM), train_set.images,
                                          train_set.labels, num_classes=train_set.num_classes,
                                          num_steps=steps)
@@ -511,6 +514,20 @@ def _evaluator(config, inputs: Inputs, targets: np.ndarray, workdir: str) -> Eva
   kid_scale = float(np.sqrt(np.mean(reference_features.astype(np.float64) ** 2)))
   return Evaluator(feats, probs, "digits-classifier", reference_features, targets, novelty,
                    kid_scale, accuracy)
+
+
+def _read_cached_params(path: str):
+  """The msgpack'd parameters at `path`; None when missing or unreadable (a warning: the
+  cache is recomputed and rewritten atomically)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, "rb") as f:
+      return flax.serialization.msgpack_restore(f.read())
+  except Exception as e:  # pylint: disable=broad-except  (msgpack raises its own types)
+    logging.warning("The cached classifier %s cannot be read (%s: %s); training it again.",
+                    path, type(e).__name__, e)
+    return None
 
 
 def _summarize(draws: list[dict[str, float]]) -> dict[str, Any]:
@@ -622,6 +639,7 @@ def _verdicts(rows: list[tuple[Method | None, str, dict]]) -> tuple[str, dict[st
 def _validate(config) -> list[Method]:
   """Config errors, before anything is read or computed; returns the methods."""
   dpmot_config, ec = config.dpmot, config.evaluation
+  trainer.check_training(config)
   if dpmot_config.sampler not in ("ddim", "ddpm", "dpm_solver"):
     raise ValueError("dpmot.sampler must be 'ddim', 'ddpm' or 'dpm_solver', got "
                      f"{dpmot_config.sampler!r}.")

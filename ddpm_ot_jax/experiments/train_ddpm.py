@@ -103,6 +103,7 @@ def _load(config: ml_collections.ConfigDict, split: str) -> data.ImageDataset:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, samples and evaluates; returns the flat results dict (see the module docstring)."""
   check_sampling(config)
+  trainer.check_training(config)
   stopwatch = common.Stopwatch()
   dataset = _load(config, "train")
   logging.info("Loaded %s: %d training images of shape %s.", config.data.name, len(dataset),
