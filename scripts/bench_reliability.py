@@ -1,13 +1,16 @@
 r"""Faults and bad input, measured: kill-and-resume runs and bad-input cases of scripts/main.py.
 
   python scripts/bench_reliability.py                      # the full harness (≈ 15 min, 2 CPUs)
-  python scripts/bench_reliability.py --kills=3 --cases=quick   # what tests/reliability_test.py runs
+  python scripts/bench_reliability.py --config.kills=3 --config.cases=quick   # the CI subset
+
+Reads configs/bench/reliability.py (ml_collections, `--config.KEY=VALUE` overrides, as
+scripts/main.py: scripts/cli.py).
 
 1. Kill and resume. A tiny digits DDPM run (UNet ch 8, 60 steps, a checkpoint every 10) and a
    tiny DPM-OT run are each run once, uninterrupted, as the reference. Then every kill run
    starts in a fresh workdir, is SIGKILLed once, and is restarted with the same command until
    it finishes. The kill moment is either a wall-clock delay drawn from a seeded RNG
-   (`--seed`) or a named fault point (`DDPM_OT_FAULT=<point>[@k]`, `checkpoints.fault_point`):
+   (`config.seed`) or a named fault point (`DDPM_OT_FAULT=<point>[@k]`, `checkpoints.fault_point`):
    inside an asynchronous checkpoint write (`checkpoint_save`), between writing and renaming
    an atomic file (`atomic_write`), inside the DPM-OT stages (`dpmot_latents`,
    `dpmot_ot_solve`, `dpmot_sampling`, `dpmot_metrics`). Counted per run: finished, final
@@ -22,7 +25,7 @@ r"""Faults and bad input, measured: kill-and-resume runs and bad-input cases of 
    before was changed, no results.json / config.json appeared and no temporary file is left.
    A few cases check more (the NaN guard names the step and keeps the last good checkpoint).
 
-Writes JSON (--out) and a markdown table (--markdown); prints the table.
+Writes JSON (config.out) and the markdown tables (config.markdown); prints the tables.
 """
 from __future__ import annotations
 
@@ -41,27 +44,12 @@ import time
 from typing import Callable, Sequence
 import warnings
 
-from absl import app
-from absl import flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 _MAIN = os.path.join(_REPO, "scripts", "main.py")
 
-_KILLS = flags.DEFINE_integer("kills", 20, "Kill-and-resume runs (targeted points first, "
-                              "then random moments).")
-_CASES = flags.DEFINE_string("cases", "all", "'all', 'quick' (10 cheap ones) or a comma list.")
-_TARGETED = flags.DEFINE_list("targeted", [], "Targeted kills as config:point[@k] (default: "
-                               "TARGETED, the first --kills of them).")
-_RESCORE = flags.DEFINE_bool("rescore", False, "Recompute the bit-identity of the kill runs "
-                              "kept under --keep and rewrite --out / --markdown (no run).")
-_JOBS = flags.DEFINE_integer("jobs", 2, "Kill runs at a time.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random kill moments.")
-_OUT = flags.DEFINE_string("out", os.path.join(_REPO, "bench_results", "bench_reliability.json"),
-                           "JSON output path.")
-_MARKDOWN = flags.DEFINE_string("markdown", "", "Also write the markdown table here.")
-_KEEP = flags.DEFINE_string("keep", "", "Keep the workdirs under this folder (default: a "
-                            "temporary folder, removed).")
+DEFAULT_CONFIG = os.path.join(_REPO, "configs", "bench", "reliability.py")
 
 TINY_DDPM = '''
 from configs import digits_ddpm
@@ -776,48 +764,55 @@ def run_harness(root: str, kills: int, cases: str, seed: int,
 
 
 def main(argv: Sequence[str]) -> None:
-  del argv
+  import cli  # pylint: disable=g-import-not-at-top  # scripts/ is first on sys.path
   from ddpm_ot_jax.experiments import common  # pylint: disable=g-import-not-at-top
 
-  if _RESCORE.value:
-    with open(_OUT.value) as f:
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments {argv[1:]}; config overrides look like --config.KEY=VALUE.")
+  config = _CONFIG.value
+
+  if config.rescore:
+    with open(config.out) as f:
       report = json.load(f)
-    refs = {kind: fingerprint_run(os.path.join(_KEEP.value, f"reference-{kind}"))
+    refs = {kind: fingerprint_run(os.path.join(config.keep, f"reference-{kind}"))
             for kind in ("ddpm", "dpmot")
-            if os.path.isdir(os.path.join(_KEEP.value, f"reference-{kind}"))}
+            if os.path.isdir(os.path.join(config.keep, f"reference-{kind}"))}
     for run in report["kill_runs"]:
-      workdir = os.path.join(_KEEP.value, f"{run['name']}-{run['config']}")
+      workdir = os.path.join(config.keep, f"{run['name']}-{run['config']}")
       run["identical"] = run["finished"] and fingerprint_run(workdir) == refs[run["config"]]
     report["kill_summary"]["bit_identical"] = sum(r["identical"] for r in report["kill_runs"])
     report["rescored"] = True
-    common.write_json(_OUT.value, report)
+    common.write_json(config.out, report)
     table = markdown(report)
-    if _MARKDOWN.value:
-      common.write_text(_MARKDOWN.value, table)
+    if config.markdown:
+      common.write_text(config.markdown, table)
     print(table)
     return
   start = time.perf_counter()
-  root = _KEEP.value or tempfile.mkdtemp(prefix="bench-reliability-")
+  root = config.keep or tempfile.mkdtemp(prefix="bench-reliability-")
   os.makedirs(root, exist_ok=True)
   try:
-    targeted = [tuple(t.split(":", 1)) for t in _TARGETED.value] or TARGETED
-    report = run_harness(root, _KILLS.value, _CASES.value, _SEED.value,
+    targeted = [tuple(t.split(":", 1)) for t in config.targeted.split(",") if t] or TARGETED
+    report = run_harness(root, config.kills, config.cases, config.seed,
                          log=lambda s: print(s, flush=True), targeted=targeted,
-                         jobs=_JOBS.value)
+                         jobs=config.jobs)
   finally:
-    if not _KEEP.value:
+    if not config.keep:
       shutil.rmtree(root, ignore_errors=True)
   report["wall_seconds"] = time.perf_counter() - start
   report["command"] = " ".join(["python3", "scripts/bench_reliability.py"] + sys.argv[1:])
   report["cpu_count"] = os.cpu_count()
   report["load_average_1min_after"] = os.getloadavg()[0]
-  common.write_json(_OUT.value, report)
+  common.write_json(config.out, report)
   table = markdown(report)
-  if _MARKDOWN.value:
-    common.write_text(_MARKDOWN.value, table)
+  if config.markdown:
+    common.write_text(config.markdown, table)
   print(table)
-  print(f"wall time {report['wall_seconds']:.0f} s; wrote {_OUT.value}")
+  print(f"wall time {report['wall_seconds']:.0f} s; wrote {config.out}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from absl import app  # pylint: disable=g-import-not-at-top
+  import cli  # pylint: disable=g-import-not-at-top
+  _CONFIG = cli.define_config_flag(DEFAULT_CONFIG, "Path to a config file in configs/bench/.")
+  app.run(main, flags_parser=cli.flags_parser(DEFAULT_CONFIG))
