@@ -78,9 +78,8 @@ def run(config) -> dict:
 
 
 def main(argv) -> None:
+  del argv  # only the program name: `cli.flags_parser` refuses any other argument
   import cli  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments {argv[1:]}; config overrides look like --config.KEY=VALUE.")
   config = _CONFIG.value
   try:
     report = run(config)

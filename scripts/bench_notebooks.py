@@ -36,12 +36,11 @@ def _overrides(name: str, workdir: str) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
+  del argv  # only the program name: `cli.flags_parser` refuses any other argument
   import cli  # pylint: disable=g-import-not-at-top
   from colab import run_notebook  # pylint: disable=g-import-not-at-top
   from ddpm_ot_jax.experiments import common  # pylint: disable=g-import-not-at-top
 
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments {argv[1:]}; config overrides look like --config.KEY=VALUE.")
   config = _CONFIG.value
   prefixes = [p.strip() for p in str(config.notebooks).split(",") if p.strip()]
   names = [n for n in run_notebook.NOTEBOOKS if n[:2] in prefixes]

@@ -92,9 +92,8 @@ def _bench(name: str, config, batch_size: int, train_steps: int, sample_batch: i
 
 
 def main(argv: Sequence[str]) -> None:
+  del argv  # only the program name: `cli.flags_parser` refuses any other argument
   import cli  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments {argv[1:]}; config overrides look like --config.KEY=VALUE.")
   bench = _CONFIG.value
   names = [n.strip() for n in str(bench.configs).split(",") if n.strip()]
   unknown = [n for n in names if n not in _NAMES]

@@ -68,7 +68,8 @@ def define_config_flag(default: str, help_text: str = "Path to a config file.",
 
 
 def flags_parser(default: str):
-  """An absl `flags_parser` for `app.run` that reports config errors in one line."""
+  """An absl `flags_parser` for `app.run` that reports config errors, and arguments that are
+  not flags, in one line."""
 
   def parse(argv: list[str]) -> list[str]:
     path = config_path(argv, default)
@@ -77,7 +78,7 @@ def flags_parser(default: str):
       configs = sorted(f for f in os.listdir(folder) if f.endswith(".py") and f != "__init__.py")
       fail(f"config file {path!r} not found. Configs in {folder}: {', '.join(configs)}")
     try:
-      return flags.FLAGS(argv)
+      rest = flags.FLAGS(argv)
     except (SyntaxError, ImportError, NameError) as e:  # the config file's own code
       where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
       fail(f"config file {path!r} cannot be loaded: {type(e).__name__}{where}: "
@@ -95,5 +96,8 @@ def flags_parser(default: str):
         hint = ""
       fail(f"bad config override ({message}){hint}")
       raise  # unreachable
+    if len(rest) > 1:
+      fail(f"unexpected arguments {rest[1:]}; config overrides look like --config.KEY=VALUE.")
+    return rest
 
   return parse

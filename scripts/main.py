@@ -102,8 +102,7 @@ def _join_run(config) -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}; config overrides look like --config.KEY=VALUE.")
+  del argv  # only the program name: `cli.flags_parser` refuses any other argument
   config = _CONFIG.value
   config_name = os.path.splitext(os.path.basename(_config_path(sys.argv)))[0]
   workdir = _WORKDIR.value or os.path.join("runs", config_name)
