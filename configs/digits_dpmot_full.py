@@ -1,4 +1,4 @@
-"""DPM-OT on digits, the statistically solid version (about an hour on 2 CPU cores).
+"""DPM-OT on digits, the statistically solid version (1 h 34 min on 2 shared CPU cores).
 
 python scripts/main.py --config=configs/digits_dpmot_full.py
 
